@@ -1,0 +1,304 @@
+"""Data: SteelDataset (grey image, 4 masks, 4 labels), epoch samplers and the LightningDataModule of one fold.
+
+A training/validation item is a dict
+  image     float32 (1, H, W) in [0, 1] (grey / 255)
+  mask      uint8 (4, H, W) 0/1
+  label     float32 (4,) 1 where the class has pixels in ``mask``
+  image_id  str
+Training items are cropped/resized/augmented; validation items are the full native image (the model resizes to
+its ``input_size`` itself, so validation and inference share one path). Prediction items have no mask/label.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Literal
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from steel import N_CLASSES, rle
+from steel.augment import DefectBlackout, build_train_transform
+from steel.errors import SteelError
+from steel.folds import split
+from steel.labels import CLASSES, list_images, read_train
+
+cv2.setNumThreads(0)  # workers parallelise; OpenCV's own threads only oversubscribe the cores
+
+RLE_COLS = [f"rle_{c}" for c in CLASSES]
+HAS_COLS = [f"has_{c}" for c in CLASSES]
+
+
+def read_grey(path: str | os.PathLike) -> np.ndarray:
+    """Read an image as grey uint8 (H, W); SteelError if unreadable."""
+    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if img is None:
+        raise SteelError(f"{path}: cannot read image")
+    return img
+
+
+class SteelDataset(Dataset):
+    """Images of ``images_dir`` named by ``table.ImageId`` with masks from its rle_1..rle_4 columns.
+
+    ``transform`` is an albumentations Compose (``image=``, ``mask=`` (H, W, 4)); ``blackout`` a DefectBlackout run
+    before it. ``with_masks=False`` yields only image and image_id (prediction on unlabeled images).
+    """
+
+    def __init__(
+        self,
+        images_dir: str | os.PathLike,
+        table: pd.DataFrame,
+        shape: tuple[int, int] | None = None,
+        transform=None,
+        blackout: DefectBlackout | None = None,
+        with_masks: bool = True,
+    ) -> None:
+        self.images_dir = Path(images_dir)
+        self.ids = table["ImageId"].tolist()
+        self.with_masks = with_masks
+        self.rles = table[RLE_COLS].to_numpy().tolist() if with_masks else None
+        self.shape = tuple(shape) if shape is not None else table.attrs.get("shape")
+        self.transform, self.blackout = transform, blackout
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        image_id = self.ids[i]
+        img = read_grey(self.images_dir / image_id)
+        if not self.with_masks:
+            return {"image": torch.from_numpy(img).float().div_(255.0)[None], "image_id": image_id}
+        if self.shape is not None and img.shape != tuple(self.shape):
+            raise SteelError(f"{self.images_dir / image_id}: image is {img.shape[0]}x{img.shape[1]}, labels expect {self.shape[0]}x{self.shape[1]}")
+        masks = np.stack([rle.decode(r, img.shape) for r in self.rles[i]], axis=-1)  # (H, W, 4)
+        if self.blackout is not None:
+            img, masks = self.blackout(img, masks)
+        if self.transform is not None:
+            out = self.transform(image=img, mask=masks)
+            img, masks = out["image"], out["mask"]
+        mask = torch.from_numpy(np.ascontiguousarray(masks.transpose(2, 0, 1)))
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(img)).float().div_(255.0)[None],
+            "mask": mask,
+            "label": mask.flatten(1).amax(1).float(),
+            "image_id": image_id,
+        }
+
+
+class _EpochSampler(Sampler[int]):
+    """Base for samplers that draw a new order each epoch, the same on every DDP rank (seeded by (seed, epoch))."""
+
+    def __init__(self, has: np.ndarray, seed: int = 0) -> None:
+        self.has = np.asarray(has, dtype=bool).reshape(len(has), -1)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _rng(self) -> np.random.Generator:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 1  # next epoch differs even if nobody calls set_epoch
+        return rng
+
+
+class BalancedSampler(_EpochSampler):
+    """Every image once an epoch; images are grouped (defect-free, or their rarest class 1..4) and the groups are
+    cycled: one image of each group in turn (shuffled within groups) until the groups run out."""
+
+    def __init__(self, has: np.ndarray, seed: int = 0) -> None:
+        super().__init__(has, seed)
+        freq = self.has.sum(0)
+        rarity = np.where(self.has, freq[None, :], np.iinfo(np.int64).max)
+        self.group = np.where(self.has.any(1), rarity.argmin(1) + 1, 0)
+
+    def __len__(self) -> int:
+        return len(self.group)
+
+    def __iter__(self) -> Iterator[int]:
+        rng = self._rng()
+        perm = rng.permutation(len(self.group))
+        g = self.group[perm]
+        by_group = np.argsort(g, kind="stable")
+        counts = np.bincount(g, minlength=N_CLASSES + 1)
+        rank = np.empty(len(g), np.int64)
+        rank[by_group] = np.arange(len(g)) - np.repeat(np.cumsum(counts) - counts, counts)
+        order = np.lexsort((g, rank))  # primary: rank within group, then group
+        return iter(perm[order].tolist())
+
+
+class NegativesSampler(_EpochSampler):
+    """All defect images plus ``round(fraction * n_defect_free)`` defect-free ones, redrawn each epoch, shuffled."""
+
+    def __init__(self, has: np.ndarray, fraction: float = 0.5, seed: int = 0) -> None:
+        super().__init__(has, seed)
+        if not 0.0 <= fraction <= 1.0:
+            raise SteelError(f"negatives_fraction {fraction}: must be in [0, 1]")
+        defect = self.has.any(1)
+        self.pos, self.neg = np.flatnonzero(defect), np.flatnonzero(~defect)
+        self.k = int(round(fraction * len(self.neg)))
+
+    def __len__(self) -> int:
+        return len(self.pos) + self.k
+
+    def __iter__(self) -> Iterator[int]:
+        rng = self._rng()
+        idx = np.concatenate([self.pos, rng.choice(self.neg, self.k, replace=False)])
+        return iter(rng.permutation(idx).tolist())
+
+
+class UnrepeatedDistributedSampler(DistributedSampler):
+    """Rank r gets items r, r + world, ...: no padding, so DDP validation sees each image exactly once."""
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.num_samples = len(range(rank, len(dataset), num_replicas))
+        self.total_size = len(dataset)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.total_size, self.num_replicas))
+
+
+def _check_size(value: Sequence[int] | None, name: str) -> list[int] | None:
+    if value is None:
+        return None
+    value = [int(v) for v in value]
+    if len(value) != 2 or any(v <= 0 or v % 32 for v in value):
+        raise SteelError(f"{name} {value}: need [height, width], positive multiples of 32")
+    return value
+
+
+class SteelDataModule(pl.LightningDataModule):
+    """One fold of a folds CSV: trains on every other fold, validates (and tests) on ``fold``.
+
+    Args:
+        data_dir: Kaggle-layout directory (train.csv, train_images/).
+        folds_csv: CSV ImageId, fold, has_1..has_4 (``steel folds``).
+        fold: validation fold.
+        batch_size / val_batch_size: per-device batch sizes (val defaults to batch_size).
+        train_crop: [h, w] random crop for training (multiples of 32), e.g. [256, 512]; None = whole image.
+        train_resize: [h, w] resize before cropping/augmenting; None = native size.
+        val_size: model input [h, w] at validation/inference (linked to ``model.input_size``; the model resizes
+            the native image to it and its output back); None = native size.
+        augment: pipeline name (none, light, medium, heavy).
+        defect_crop_p: probability that a training crop is centred to contain defect pixels.
+        blackout_p: probability of the defect blackout (one class's region filled with background, label dropped).
+        sampler: random | balanced | negatives (all defect images + ``negatives_fraction`` of defect-free ones).
+        predict_dir: images for ``steel predict --config`` (default data_dir/test_images).
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data/severstal",
+        folds_csv: str = "folds/severstal_10f_s42.csv",
+        fold: int = 0,
+        batch_size: int = 16,
+        val_batch_size: int | None = None,
+        num_workers: int = 4,
+        train_crop: list[int] | None = None,
+        train_resize: list[int] | None = None,
+        val_size: list[int] | None = None,
+        augment: Literal["none", "light", "medium", "heavy"] = "light",
+        defect_crop_p: float = 0.0,
+        blackout_p: float = 0.0,
+        sampler: Literal["random", "balanced", "negatives"] = "random",
+        negatives_fraction: float = 0.5,
+        pin_memory: bool = True,
+        persistent_workers: bool = True,
+        predict_dir: str | None = None,
+        seed: int = 42,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_crop = _check_size(train_crop, "train_crop")
+        self.train_resize = _check_size(train_resize, "train_resize")
+        self.val_size = _check_size(val_size, "val_size")
+        if batch_size < 1:
+            raise SteelError(f"batch_size {batch_size}: must be at least 1")
+        self.train_transform = build_train_transform(augment, self.train_crop, self.train_resize, defect_crop_p)
+        self.blackout = DefectBlackout(blackout_p) if blackout_p > 0 else None
+        if sampler == "negatives" and not 0.0 <= negatives_fraction <= 1.0:
+            raise SteelError(f"negatives_fraction {negatives_fraction}: must be in [0, 1]")
+        self.train_set: SteelDataset | None = None
+        self.val_set: SteelDataset | None = None
+        self.predict_set: SteelDataset | None = None
+
+    def _tables(self) -> tuple[pd.DataFrame, pd.DataFrame]:
+        hp = self.hparams
+        table = read_train(hp.data_dir)
+        train_ids, val_ids = split(hp.folds_csv, hp.fold)
+        known = set(table["ImageId"])
+        missing = [i for i in train_ids + val_ids if i not in known]
+        if missing:
+            raise SteelError(f"{hp.folds_csv}: image {missing[0]} is not in {Path(hp.data_dir) / 'train_images'} ({len(missing)} such)")
+        by_id = table.set_index("ImageId", drop=False)
+        train, val = by_id.loc[train_ids].reset_index(drop=True), by_id.loc[val_ids].reset_index(drop=True)
+        train.attrs["shape"] = val.attrs["shape"] = table.attrs["shape"]
+        return train, val
+
+    def setup(self, stage: str | None = None) -> None:
+        hp = self.hparams
+        images = Path(hp.data_dir) / "train_images"
+        if stage in (None, "fit", "validate", "test") and self.val_set is None:
+            train, val = self._tables()
+            self.train_table, self.val_table = train, val
+            self.train_set = SteelDataset(images, train, transform=self.train_transform, blackout=self.blackout)
+            self.val_set = SteelDataset(images, val)
+        if stage == "predict" and self.predict_set is None:
+            pdir = Path(hp.predict_dir) if hp.predict_dir else Path(hp.data_dir) / "test_images"
+            names = list_images(pdir)
+            if not names:
+                raise SteelError(f"{pdir}: no images to predict")
+            self.predict_set = SteelDataset(pdir, pd.DataFrame({"ImageId": names}), with_masks=False)
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False, sampler: Sampler | None = None, drop_last: bool = False) -> DataLoader:
+        hp = self.hparams
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle if sampler is None else False,
+            sampler=sampler,
+            num_workers=hp.num_workers,
+            pin_memory=hp.pin_memory and torch.cuda.is_available(),
+            persistent_workers=hp.persistent_workers and hp.num_workers > 0,
+            drop_last=drop_last,
+        )
+
+    def train_sampler(self) -> Sampler | None:
+        """The epoch sampler named by ``sampler`` (None for random: the loader shuffles)."""
+        hp = self.hparams
+        has = self.train_table[HAS_COLS].to_numpy()
+        if hp.sampler == "balanced":
+            return BalancedSampler(has, seed=hp.seed)
+        if hp.sampler == "negatives":
+            return NegativesSampler(has, hp.negatives_fraction, seed=hp.seed)
+        return None
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_set is not None, "call setup('fit') first"
+        drop_last = len(self.train_set) > self.hparams.batch_size  # BatchNorm dislikes a last batch of 1
+        return self._loader(self.train_set, self.hparams.batch_size, shuffle=True, sampler=self.train_sampler(), drop_last=drop_last)
+
+    def _eval_sampler(self, dataset: Dataset) -> Sampler | None:
+        trainer = self.trainer
+        if trainer is not None and trainer.world_size > 1:
+            return UnrepeatedDistributedSampler(dataset, trainer.world_size, trainer.global_rank)
+        return None
+
+    def val_dataloader(self) -> DataLoader:
+        assert self.val_set is not None, "call setup('validate') first"
+        bs = self.hparams.val_batch_size or self.hparams.batch_size
+        return self._loader(self.val_set, bs, sampler=self._eval_sampler(self.val_set))
+
+    def test_dataloader(self) -> DataLoader:
+        return self.val_dataloader()
+
+    def predict_dataloader(self) -> DataLoader:
+        assert self.predict_set is not None, "call setup('predict') first"
+        bs = self.hparams.val_batch_size or self.hparams.batch_size
+        return self._loader(self.predict_set, bs)

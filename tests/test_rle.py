@@ -1,0 +1,58 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from steel import rle
+
+
+@settings(max_examples=200, deadline=None)
+@given(arrays(np.uint8, st.tuples(st.integers(1, 12), st.integers(1, 40)), elements=st.integers(0, 1)))
+def test_round_trip(mask):
+    s = rle.encode(mask)
+    assert np.array_equal(rle.decode(s, mask.shape), mask)
+    assert rle.area(s, mask.shape) == int(mask.sum())
+
+
+def test_known_strings_by_hand():
+    # 3x4 image, pixels numbered down the columns: col0 = 1,2,3 ; col1 = 4,5,6 ; ...
+    m = rle.decode("2 3 9 2", (3, 4))
+    expected = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [1, 0, 1, 0]], np.uint8)
+    expected[:, :] = 0
+    expected[1:, 0] = 1  # pixels 2, 3
+    expected[0, 1] = 1  # pixel 4
+    expected[2, 2] = 1  # pixel 9
+    expected[0, 3] = 1  # pixel 10
+    assert np.array_equal(m, expected)
+    assert rle.encode(expected) == "2 3 9 2"
+    assert rle.encode(np.ones((2, 2))) == "1 4"
+    assert rle.encode(np.zeros((5, 5))) == ""
+    assert rle.decode("", (2, 2)).sum() == 0
+    assert rle.decode(float("nan"), (2, 2)).sum() == 0
+    # adjacent runs are allowed and merge
+    assert np.array_equal(rle.decode("1 2 3 2", (2, 2)), np.ones((2, 2), np.uint8))
+
+
+def test_kaggle_shape_default():
+    m = rle.decode("1 256 257 3")
+    assert m.shape == (256, 1600) and m[:, 0].all() and m[:3, 1].all() and m.sum() == 259
+
+
+@pytest.mark.parametrize(
+    "bad, reason",
+    [
+        ("1 2 3", "odd number"),
+        ("0 2", "not positive"),
+        ("-1 2", "not positive"),
+        ("1 0", "length 0 is not positive"),
+        ("5 1 2 1", "not sorted"),
+        ("1 5 3 1", "overlap"),
+        ("12 2", "ends past the last pixel"),
+        ("1 x", "non-integer"),
+        ("1.5 2", "non-integer"),
+    ],
+)
+def test_malformed_rejected(bad, reason):
+    with pytest.raises(ValueError, match=reason):
+        rle.decode(bad, (3, 4))
