@@ -56,9 +56,14 @@ class OOFWriter:
         self.height, self.width, self.stride = int(height), int(width), int(stride)
         h, w = strided_shape(self.height, self.width, self.stride)
         n = len(self.ids)
-        self.cls = np.lib.format.open_memmap(self.tmp / "cls.npy", "w+", np.float32, (n, N_CLASSES))
-        self.masks = np.lib.format.open_memmap(self.tmp / "masks.npy", "w+", np.uint8, (n, N_CLASSES, h, w))
-        self.truth = np.lib.format.open_memmap(self.tmp / "truth.npy", "w+", np.uint8, (n, N_CLASSES, h, w))
+        # .npy files of full size; rows go in with pwrite, so written pages sit in the page cache, not in RSS
+        self.files = {}
+        for name, dtype, shape in (("cls", np.float32, (n, N_CLASSES)), ("masks", np.uint8, (n, N_CLASSES, h, w)),
+                                   ("truth", np.uint8, (n, N_CLASSES, h, w))):  # fmt: skip
+            mm = np.lib.format.open_memmap(self.tmp / f"{name}.npy", "w+", dtype, shape)
+            offset, row_bytes = mm.offset, mm[0].nbytes if n else 0
+            del mm
+            self.files[name] = (os.open(self.tmp / f"{name}.npy", os.O_WRONLY), offset, row_bytes, dtype)
         self.written = np.zeros(n, dtype=bool)
         self.meta = dict(meta or {})
 
@@ -70,19 +75,25 @@ class OOFWriter:
     def write(self, rows: np.ndarray, cls: np.ndarray, masks_prob: np.ndarray, truth: np.ndarray) -> None:
         """Store rows: cls (B, 4) probs, masks_prob (B, 4, H, W) in [0, 1] (full-res or strided), truth 0/1."""
         rows = np.asarray(rows, dtype=np.int64)
-        self.cls[rows] = np.asarray(cls, dtype=np.float32)
-        self.masks[rows] = quantise(self._stride(np.asarray(masks_prob)))
-        self.truth[rows] = self._stride(np.asarray(truth)) != 0
+        for i, r in enumerate(rows):  # one pwrite per image row (~0.4 MB at stride 2), not per pixel
+            self._put("cls", r, np.asarray(cls[i], dtype=np.float32))
+            self._put("masks", r, quantise(self._stride(np.asarray(masks_prob[i]))))
+            self._put("truth", r, (self._stride(np.asarray(truth[i])) != 0).astype(np.uint8))
         self.written[rows] = True
+
+    def _put(self, name: str, row: int, value: np.ndarray) -> None:
+        fd, offset, row_bytes, _ = self.files[name]
+        data = np.ascontiguousarray(value).tobytes()
+        assert len(data) == row_bytes, (name, value.shape)
+        os.pwrite(fd, data, offset + int(row) * row_bytes)
 
     def close(self) -> Path:
         """Flush, check every row was written, write index + meta and move the store into place."""
         if not self.written.all():
             missing = [self.ids[i] for i in np.flatnonzero(~self.written)[:3]]
+            self.abort()
             raise RuntimeError(f"OOF store incomplete: {int((~self.written).sum())} images not written, e.g. {missing}")
-        for a in (self.cls, self.masks, self.truth):
-            a.flush()
-        del self.cls, self.masks, self.truth
+        self._close_files(sync=True)
         pd.DataFrame({"ImageId": self.ids, "fold": self.folds, "row": np.arange(len(self.ids))}).to_csv(
             self.tmp / "index.csv", index=False
         )
@@ -96,8 +107,16 @@ class OOFWriter:
         shutil.rmtree(old, ignore_errors=True)
         return self.oof_dir
 
+    def _close_files(self, sync: bool = False) -> None:
+        for fd, *_ in self.files.values():
+            if sync:
+                os.fsync(fd)
+            os.close(fd)
+        self.files = {}
+
     def abort(self) -> None:
         """Drop the partial store."""
+        self._close_files()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     def __enter__(self) -> OOFWriter:
@@ -135,3 +154,92 @@ class OOFStore:
     def probs(self, i: int) -> np.ndarray:
         """Mask probabilities of row i as float32 (4, h, w) in [0, 1]."""
         return self.masks[i].astype(np.float32) / 255.0
+
+
+def _data_dir_of(run_dir: Path) -> str:
+    """data.data_dir from the resolved config of a run (a fold's config.yaml wins over the run's)."""
+    import yaml
+
+    for p in sorted(run_dir.glob("fold-*/config.yaml")) + [run_dir / "config.yaml"]:
+        if p.is_file():
+            cfg = yaml.safe_load(p.read_text()) or {}
+            data = cfg.get("data") or {}
+            data = data.get("init_args", data)
+            if data.get("data_dir"):
+                return str(data["data_dir"])
+            over = (cfg.get("launch") or {}).get("overrides") or []
+            if "--data.data_dir" in over:
+                return over[over.index("--data.data_dir") + 1]
+    raise SteelError(f"{run_dir}: no data.data_dir in its config; pass --data-dir")
+
+
+def build_oof(
+    run_dir: str | os.PathLike,
+    stride: int | None = None,
+    tta: str | list[str] | None = None,
+    batch_size: int = 8,
+    data_dir: str | None = None,
+    device: str | None = None,
+    checkpoint: str = "best.ckpt",
+) -> Path:
+    """Predict every fold's validation images with that fold's checkpoint into ``RUN_DIR/oof/``."""
+    import cv2
+    import torch
+    from tqdm import tqdm
+
+    from steel.blend import parse_tta, predict_batch
+    from steel.folds import load_folds
+    from steel.labels import masks_of, read_train
+    from steel.module import load_model
+
+    run_dir = Path(run_dir)
+    tta_names = parse_tta(tta)
+    split = load_folds(run_dir / "folds.csv")
+    n_folds = int(split["fold"].max()) + 1
+    ckpts = [run_dir / f"fold-{k}" / checkpoint for k in range(n_folds)]
+    missing = [str(c) for c in ckpts if not c.is_file()]
+    if missing:
+        raise SteelError(f"{missing[0]}: checkpoint missing ({len(missing)} of {n_folds} folds); finish the folds first")
+    data_dir = data_dir or _data_dir_of(run_dir)
+    table = read_train(data_dir).set_index("ImageId")
+    unknown = sorted(set(split["ImageId"]) - set(table.index))
+    if unknown:
+        raise SteelError(f"{run_dir / 'folds.csv'}: image {unknown[0]} is not in {data_dir}/train_images")
+    h, w = table.attrs["shape"]
+    stride = int(stride or (2 if h * w >= 256 * 800 else 1))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    meta = {"data_dir": str(Path(data_dir).resolve()), "tta": tta_names, "members": [str(run_dir.resolve())],
+            "checkpoints": [str(c.resolve()) for c in ckpts]}  # fmt: skip
+    with OOFWriter(run_dir / "oof", split["ImageId"].tolist(), split["fold"].to_numpy(), h, w, stride, meta) as writer:
+        bar = tqdm(total=len(split), desc="oof", unit="img")
+        for k in range(n_folds):
+            model = load_model(ckpts[k], map_location=device)
+            rows = np.flatnonzero(split["fold"].to_numpy() == k)
+            for start in range(0, len(rows), batch_size):
+                r = rows[start : start + batch_size]
+                ids = split["ImageId"].to_numpy()[r]
+                imgs = np.stack([cv2.imread(str(Path(data_dir) / "train_images" / i), cv2.IMREAD_GRAYSCALE) for i in ids])
+                x = torch.from_numpy(imgs).to(device).float().div_(255).unsqueeze(1)
+                probs, cls = predict_batch(model.net, x, model.hparams.get("input_size"), tta_names)
+                truth = np.stack([masks_of(table.loc[i], (h, w)) for i in ids])
+                writer.write(r, cls.cpu().numpy(), probs[..., ::stride, ::stride].cpu().numpy(), truth)
+                bar.update(len(r))
+            del model
+        bar.close()
+    print(f"oof: {len(split)} images from {n_folds} folds, stride {stride}, TTA {','.join(tta_names)} -> {run_dir / 'oof'}")
+    return run_dir / "oof"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("run_dir", help="run directory with fold-K/best.ckpt for every fold of folds.csv")
+    p.add_argument("--stride", type=int, default=None, help="keep every s-th pixel (default 2 for >= 256x800 images, else 1)")
+    p.add_argument("--tta", default="none", help="comma-separated: none,hflip,vflip")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--data-dir", default=None, help="default: data.data_dir of the run's config")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--checkpoint", default="best.ckpt", help="checkpoint file name in each fold dir")
+
+
+def main(args) -> int:
+    build_oof(args.run_dir, args.stride, args.tta, args.batch_size, args.data_dir, args.device, args.checkpoint)
+    return 0
