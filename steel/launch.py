@@ -139,6 +139,8 @@ class LocalLauncher:
         slot = self.free.pop(0)
         cmd = fold_command(self.config, f.k, self.run_dir, self.overrides, self.devices, self.accelerator)
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(self.slots[slot]), PYTHONUNBUFFERED="1")
+        if not self.slots[slot] and len(self.slots) > 1:  # CPU folds side by side share the cores
+            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(self.slots))))
         f.dir.mkdir(parents=True, exist_ok=True)
         log = open(f.dir / "train.log", "a")  # noqa: SIM115 - closed when the process ends
         log.write(f"\n# attempt {f.attempts + 1}: {shlex.join(cmd)}\n")

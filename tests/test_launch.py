@@ -77,7 +77,7 @@ def test_slurm_dry_run_builds_array(tmp_path, synth_dir, folds_csv):
                      "--time", "90", "--folds", "0-2", "--", "--trainer.max_epochs", "30")  # fmt: skip
     assert "dry run; array of 3 fold(s)" in proc.stdout
     sbatch = (run / "slurm" / "array.sbatch").read_text()
-    assert "#SBATCH --array=0-2%10" in sbatch and "#SBATCH --partition=gpu" in sbatch
+    assert "#SBATCH --array=0-2%3" in sbatch and "#SBATCH --partition=gpu" in sbatch
     assert "#SBATCH --gpus-per-node=2" in sbatch and "#SBATCH --ntasks-per-node=2" in sbatch and "#SBATCH --time=90" in sbatch
     cmds = (run / "slurm" / "commands.txt").read_text().splitlines()
     assert len(cmds) == 3
