@@ -307,6 +307,7 @@ def submit_slurm(args: argparse.Namespace, folds: list[Fold], run_dir: Path, ove
     for f, j in zip(todo, jobs):
         print(f"fold {f.k}: submitted as job {j.job_id}")
     write_json(folder / "jobs.json", {str(f.k): j.job_id for f, j in zip(todo, jobs)})
+    print("launch: when the array has finished, run the same command again: it marks the finished folds done and builds the OOF store")
     return 0
 
 
@@ -352,10 +353,13 @@ def main(args: argparse.Namespace) -> int:
     n_folds = int(split["fold"].max()) + 1
     folds = [Fold(k, run_dir / f"fold-{k}") for k in parse_folds(args.folds, n_folds)]
     for f in folds:
+        if not (f.dir / "done.json").is_file() and (f.dir / "metrics.json").is_file() and (f.dir / "best.ckpt").is_file():
+            # finished outside this launcher (a SLURM task, a manual `steel fit`): metrics.json is written at fit end
+            write_json(f.dir / "done.json", {"fold": f.k, "attempts": 0, "finished": time.time(), **read_json(f.dir / "metrics.json")})
         if (f.dir / "done.json").is_file():
             f.state, f.info = "skipped", read_json(f.dir / "done.json")
             print(f"fold {f.k}: already done (best val/dice {f.info.get('best_val_dice', float('nan')):.4f}), skipped")
-    if args.executor == "slurm":
+    if args.executor == "slurm" and any(f.state == "queued" for f in folds):
         return submit_slurm(args, folds, run_dir, overrides)
     launcher = LocalLauncher(folds, args.config, run_dir, overrides, parse_gpus(args.gpus), args.gpus_per_fold,
                              args.parallel, args.retries)  # fmt: skip
