@@ -15,7 +15,7 @@ exec 3>&1 1>&2
 PORT="${STEEL_PG_PORT:-54329}"
 DB=steel_test
 
-pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
+pg_bin() { find /usr/lib/postgresql -mindepth 2 -maxdepth 2 -name bin -type d 2>/dev/null | sort -V | tail -n 1; }
 
 BIN="$(pg_bin)"
 if [ -z "$BIN" ] && command -v initdb >/dev/null 2>&1; then
@@ -65,7 +65,7 @@ chmod 755 "$DIR"
 as_pg "$BIN/initdb" -D "$DIR/data" -U postgres -A trust -E UTF8 --no-sync >/dev/null
 as_pg "$BIN/pg_ctl" -D "$DIR/data" -l "$DIR/server.log" -w -t 60 \
   -o "-p $PORT -k $DIR -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
-  start >/dev/null || { cat "$DIR/server.log"; exit 1; }
+  start >/dev/null 3>&- || { cat "$DIR/server.log"; exit 1; }  # the server must not hold our stdout
 "$BIN/createdb" -h 127.0.0.1 -p "$PORT" -U postgres "$DB"
-echo "postgres.sh: PostgreSQL $("$BIN/postgres" --version | awk '{print $NF}') on 127.0.0.1:$PORT, cluster in $DIR"
+echo "postgres.sh: $("$BIN/postgres" --version) on 127.0.0.1:$PORT, cluster in $DIR"
 printf 'export STEEL_TEST_POSTGRES_URL=%s\nexport STEEL_TEST_POSTGRES_DIR=%s\n' "$URL" "$DIR" >&3
