@@ -46,7 +46,9 @@ TTA: dict[str, tuple] = {
 
 def parse_tta(spec: str | list[str] | None) -> list[str]:
     """'none,hflip,vflip' -> ['none', 'hflip', 'vflip']; SteelError for an unknown name."""
-    names = [t.strip() for t in (spec.split(",") if isinstance(spec, str) else (spec or ["none"])) if t.strip()]
+    names = [
+        t.strip() for t in (spec.split(",") if isinstance(spec, str) else (spec or ["none"])) if t.strip()
+    ]
     bad = [t for t in names if t not in TTA]
     if bad:
         raise SteelError(f"unknown TTA {bad[0]!r}; choose from {', '.join(TTA)}")
@@ -69,7 +71,11 @@ class Member(nn.Module):
     power: float
 
     def __init__(
-        self, nets: list[nn.Module], input_size: list[int] | tuple[int, int] | None = None, tta: list[str] | tuple[str, ...] = ("none",), power: float = 1.0
+        self,
+        nets: list[nn.Module],
+        input_size: list[int] | tuple[int, int] | None = None,
+        tta: list[str] | tuple[str, ...] = ("none",),
+        power: float = 1.0,
     ) -> None:
         super().__init__()
         if not nets:
@@ -133,7 +139,7 @@ class Ensemble(nn.Module):
 
     forward(images uint8 (B, H, W) grey or (B, H, W, 3) RGB) -> (masks bool (B, 4, H, W), class probs
     float32 (B, 4), blended mask probs float32 (B, 4, H, W)). RGB is converted to grey like OpenCV
-    (fixed-point BT.601: (4899 R + 9617 G + 1868 B + 8192) >> 14).
+    (fixed point: (9798 R + 19235 G + 3735 B + 16384) >> 15, bit-exact with cv2.cvtColor RGB2GRAY).
     """
 
     weights: list[float]
@@ -159,7 +165,7 @@ class Ensemble(nn.Module):
             raise RuntimeError("steel ensemble: images must be uint8 (B, H, W) grey or (B, H, W, 3) RGB")
         if images.dim() == 4 and images.shape[-1] == 3:
             rgb = images.to(torch.int32)
-            grey = (rgb[..., 0] * 4899 + rgb[..., 1] * 9617 + rgb[..., 2] * 1868 + 8192) >> 14
+            grey = (rgb[..., 0] * 9798 + rgb[..., 1] * 19235 + rgb[..., 2] * 3735 + 16384) >> 15
             return (grey.float() / 255.0).unsqueeze(1)
         if images.dim() == 3:
             return (images.float() / 255.0).unsqueeze(1)
@@ -190,7 +196,10 @@ class Ensemble(nn.Module):
 
 @torch.no_grad()
 def predict_batch(
-    net: torch.nn.Module, x: torch.Tensor, input_size: tuple[int, int] | list[int] | None = None, tta: list[str] = ("none",)
+    net: torch.nn.Module,
+    x: torch.Tensor,
+    input_size: tuple[int, int] | list[int] | None = None,
+    tta: list[str] = ("none",),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask probs (B, 4, H, W) and class probs (B, 4) of one net on x (B, 1, H, W) float in [0, 1].
 
@@ -208,7 +217,9 @@ def normalise_weights(weights: list[float] | None, n: int) -> list[float]:
     if len(w) != n:
         raise SteelError(f"--weights has {len(w)} values for {n} members")
     if any(not np.isfinite(v) or v < 0 for v in w) or sum(w) <= 0:
-        raise SteelError(f"--weights {','.join(map(str, weights))}: need finite values >= 0 with a positive sum")
+        raise SteelError(
+            f"--weights {','.join(map(str, weights))}: need finite values >= 0 with a positive sum"
+        )
     return [v / sum(w) for v in w]
 
 
@@ -247,7 +258,9 @@ def run_member(run_dir: str | os.PathLike) -> dict[str, Any]:
 
     run_dir = Path(run_dir).resolve()
     if (run_dir / ENSEMBLE_FILE).is_file():
-        raise SteelError(f"{run_dir}: is an ensemble dir; blend its members (see its {ENSEMBLE_FILE}) instead")
+        raise SteelError(
+            f"{run_dir}: is an ensemble dir; blend its members (see its {ENSEMBLE_FILE}) instead"
+        )
     meta: dict[str, Any] = {}
     if (run_dir / "oof" / "meta.json").is_file():
         meta = OOFStore(run_dir).meta
@@ -256,7 +269,13 @@ def run_member(run_dir: str | os.PathLike) -> dict[str, Any]:
         ckpts = _fold_checkpoints(run_dir, ckpts[0].name if ckpts else "best.ckpt")
     size = [int(meta["height"]), int(meta["width"])] if "height" in meta else None
     oof = str(run_dir / "oof") if meta else None
-    return {"run_dir": str(run_dir), "checkpoints": [str(c) for c in ckpts], "tta": parse_tta(meta.get("tta")), "oof": oof, "image_size": size}
+    return {
+        "run_dir": str(run_dir),
+        "checkpoints": [str(c) for c in ckpts],
+        "tta": parse_tta(meta.get("tta")),
+        "oof": oof,
+        "image_size": size,
+    }
 
 
 def ensemble_spec(path: str | os.PathLike) -> dict[str, Any]:
@@ -286,18 +305,33 @@ def ensemble_spec(path: str | os.PathLike) -> dict[str, Any]:
         mode = spec.get("mode", "mean")
         if mode not in MODES:
             raise SteelError(f"{file}: mode {mode!r} is not one of {', '.join(MODES)}")
-        weights = normalise_weights([m.get("weight", 1.0) for m in members], len(members))
-        for m, wt in zip(members, weights):
+        try:
+            weights = normalise_weights([float(m.get("weight", 1.0)) for m in members], len(members))
+            temperature = float(spec.get("temperature", 1.0)) if mode == "temperature" else 1.0
+        except (TypeError, ValueError) as e:
+            raise SteelError(f"{file}: bad weight or temperature ({e})") from None
+        if not (np.isfinite(temperature) and temperature > 0):
+            raise SteelError(f"{file}: temperature {temperature} must be > 0")
+        for i, (m, wt) in enumerate(zip(members, weights)):
             m["weight"] = wt
-        temperature = float(spec.get("temperature", 1.0)) if mode == "temperature" else 1.0
+            m.setdefault("run_dir", f"member {i}")
         return {"kind": "ensemble", "source": str(path.resolve()), "members": members, "mode": mode,
                 "temperature": temperature, "image_size": spec.get("image_size")}  # fmt: skip
     m = run_member(path)
     m["weight"] = 1.0
-    return {"kind": "run", "source": m["run_dir"], "members": [m], "mode": "mean", "temperature": 1.0, "image_size": m["image_size"]}
+    return {
+        "kind": "run",
+        "source": m["run_dir"],
+        "members": [m],
+        "mode": "mean",
+        "temperature": 1.0,
+        "image_size": m["image_size"],
+    }
 
 
-def build_ensemble(path: str | os.PathLike, device: str | torch.device = "cpu", params: Any = None) -> tuple[Ensemble, dict[str, Any]]:
+def build_ensemble(
+    path: str | os.PathLike, device: str | torch.device = "cpu", params: Any = None
+) -> tuple[Ensemble, dict[str, Any]]:
     """Eager Ensemble (eval mode) of a run dir or an ensemble dir with its thresholds.json, and its spec
     (``ensemble_spec`` plus per member "input_size", "in_channels", "arch", "encoder")."""
     from steel.module import load_model
@@ -329,7 +363,9 @@ def topk_checkpoints(fold_dir: Path, k: int) -> list[Path]:
     more than k files); SteelError when the fold has fewer than k."""
     files = sorted((fold_dir / "topk").glob("*.ckpt"))
     if len(files) < k:
-        raise SteelError(f"{fold_dir}: {len(files)} top-k checkpoints in topk/, need {k} (train with --average_top_k {k})")
+        raise SteelError(
+            f"{fold_dir}: {len(files)} top-k checkpoints in topk/, need {k} (train with --average_top_k {k})"
+        )
     if len(files) == k:
         return files
     scores: dict[str, float] = {}
@@ -337,11 +373,17 @@ def topk_checkpoints(fold_dir: Path, k: int) -> list[Path]:
     if last.is_file():
         state = torch.load(last, map_location="cpu", weights_only=False).get("callbacks") or {}
         for key, value in state.items():
-            if key.startswith("ModelCheckpoint") and isinstance(value, dict) and str(value.get("dirpath", "")).endswith("topk"):
+            if (
+                key.startswith("ModelCheckpoint")
+                and isinstance(value, dict)
+                and str(value.get("dirpath", "")).endswith("topk")
+            ):
                 scores.update({Path(p).name: float(s) for p, s in (value.get("best_k_models") or {}).items()})
     ranked = [f for f in files if f.name in scores]
     if len(ranked) < k:
-        raise SteelError(f"{fold_dir}/topk: {len(files)} checkpoints but no scores for them in last.ckpt; pass --average-top-k {len(files)}")
+        raise SteelError(
+            f"{fold_dir}/topk: {len(files)} checkpoints but no scores for them in last.ckpt; pass --average-top-k {len(files)}"
+        )
     return sorted(ranked, key=lambda f: -scores[f.name])[:k]
 
 
@@ -352,17 +394,23 @@ def check_compatible(stores: list[Any], names: list[str]) -> None:
     for st, b in zip(stores[1:], names[1:]):
         for attr in ("stride", "height", "width"):
             if getattr(st, attr) != getattr(ref, attr):
-                raise SteelError(f"OOF {attr} differs: {a} has {getattr(ref, attr)}, {b} has {getattr(st, attr)}")
+                raise SteelError(
+                    f"OOF {attr} differs: {a} has {getattr(ref, attr)}, {b} has {getattr(st, attr)}"
+                )
         if len(st) != len(ref):
             extra = sorted(set(ref.ids) ^ set(st.ids))
-            raise SteelError(f"OOF images differ: {a} has {len(ref)}, {b} has {len(st)} (e.g. {extra[0] if extra else '?'})")
+            raise SteelError(
+                f"OOF images differ: {a} has {len(ref)}, {b} has {len(st)} (e.g. {extra[0] if extra else '?'})"
+            )
         if st.ids != ref.ids:
             i = next(i for i, (x, y) in enumerate(zip(ref.ids, st.ids)) if x != y)
             raise SteelError(f"OOF images differ: row {i} is {ref.ids[i]} in {a} but {st.ids[i]} in {b}")
         diff = np.flatnonzero(np.asarray(st.folds) != np.asarray(ref.folds))
         if diff.size:
             i = int(diff[0])
-            raise SteelError(f"OOF folds differ: {ref.ids[i]} is fold {ref.folds[i]} in {a} but fold {st.folds[i]} in {b} (same folds.csv needed)")
+            raise SteelError(
+                f"OOF folds differ: {ref.ids[i]} is fold {ref.folds[i]} in {a} but fold {st.folds[i]} in {b} (same folds.csv needed)"
+            )
 
 
 def blend_stores(
@@ -399,7 +447,9 @@ def blend_stores(
                 for st in stores[1:]:
                     bad = np.flatnonzero((np.asarray(st.truth[sl]) != truth).reshape(len(truth), -1).any(1))
                     if bad.size:
-                        raise SteelError(f"OOF truth differs for image {ref.ids[sl.start + int(bad[0])]} (members built from different labels)")
+                        raise SteelError(
+                            f"OOF truth differs for image {ref.ids[sl.start + int(bad[0])]} (members built from different labels)"
+                        )
             writer.write(np.arange(sl.start, sl.stop), cls, np.clip(masks, 0.0, 1.0), truth)
     return Path(out_dir)
 
@@ -486,14 +536,31 @@ def blend(
             avg = []
             for k, ck in enumerate(ckpts):
                 fold_dir = Path(m["run_dir"]) / f"fold-{k}"
-                avg.append(average_checkpoints(topk_checkpoints(fold_dir, average_top_k), shadow / f"fold-{k}" / name, template=ck))
+                avg.append(
+                    average_checkpoints(
+                        topk_checkpoints(fold_dir, average_top_k), shadow / f"fold-{k}" / name, template=ck
+                    )
+                )
             ckpts = avg
         _shadow_run(m, shadow, name, ckpts)
         why = f"TTA {','.join(m_tta)}" + (f", top-{average_top_k} weight average" if average_top_k else "")
         print(f"blend: recomputing OOF of {m['run_dir']} ({why}) into {shadow / 'oof'}")
-        build_oof(shadow, stride=st.stride, tta=m_tta, batch_size=batch_size, data_dir=st.meta.get("data_dir"), device=device, checkpoint=name)
+        build_oof(
+            shadow,
+            stride=st.stride,
+            tta=m_tta,
+            batch_size=batch_size,
+            data_dir=st.meta.get("data_dir"),
+            device=device,
+            checkpoint=name,
+        )
         stores[i] = OOFStore(shadow)
-        m.update(checkpoints=[str((shadow / f"fold-{k}" / name).resolve()) for k in range(len(ckpts))], tta=m_tta, oof=str(shadow / "oof"), oof_recomputed=True)
+        m.update(
+            checkpoints=[str((shadow / f"fold-{k}" / name).resolve()) for k in range(len(ckpts))],
+            tta=m_tta,
+            oof=str(shadow / "oof"),
+            oof_recomputed=True,
+        )
     check_compatible(stores, [str(r) for r in run_dirs])
 
     data_dirs = {st.meta.get("data_dir") for st in stores}
@@ -504,8 +571,14 @@ def blend(
     blend_stores(stores, norm, t, out / "oof", meta, check_truth=len(data_dirs) > 1)
     spec = {
         "members": [
-            {"run_dir": m["run_dir"], "weight": wt, "tta": m["tta"], "checkpoints": m["checkpoints"], "oof": m["oof"],
-             "oof_recomputed": bool(m.get("oof_recomputed"))}  # fmt: skip
+            {
+                "run_dir": m["run_dir"],
+                "weight": wt,
+                "tta": m["tta"],
+                "checkpoints": m["checkpoints"],
+                "oof": m["oof"],
+                "oof_recomputed": bool(m.get("oof_recomputed")),
+            }  # fmt: skip
             for m, wt in zip(members, norm)
         ],
         "mode": mode,
@@ -525,22 +598,44 @@ def blend(
     if stale.is_file():
         stale.unlink()
         print(f"blend: removed {stale} (tuned on the previous blend)")
-    desc = f"{mode}" + (f" t={t:g}" if mode == "temperature" else "") + f", weights {','.join(f'{w:.3g}' for w in norm)}"
+    desc = (
+        f"{mode}"
+        + (f" t={t:g}" if mode == "temperature" else "")
+        + f", weights {','.join(f'{w:.3g}' for w in norm)}"
+    )
     print(f"blend: {len(members)} members, {len(ref)} images, {desc} -> {out} (next: steel sweep {out})")
     return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run dirs with an OOF store (steel oof) and the same folds")
+    p.add_argument(
+        "run_dirs",
+        nargs="+",
+        metavar="RUN_DIR",
+        help="run dirs with an OOF store (steel oof) and the same folds",
+    )
     p.add_argument("--out", required=True, help="ensemble dir to write (oof/, ensemble.yaml)")
     p.add_argument("--tta", default=None, help="TTA for every member, e.g. none,hflip,vflip (default: each member's OOF TTA; "
                    "members whose OOF used another TTA get their OOF recomputed)")  # fmt: skip
-    p.add_argument("--mode", default="mean", choices=MODES, help="mean of probabilities or temperature (mean of p**t)")
+    p.add_argument(
+        "--mode", default="mean", choices=MODES, help="mean of probabilities or temperature (mean of p**t)"
+    )
     p.add_argument("--temperature", type=float, default=None, help="t of --mode temperature (default 2)")
-    p.add_argument("--weights", default=None, help="member weights w1,w2,... (normalised to sum 1; default equal)")
-    p.add_argument("--average-top-k", type=int, default=0, help="average the K best checkpoints of each fold (fold-K/topk/) into one model")
+    p.add_argument(
+        "--weights", default=None, help="member weights w1,w2,... (normalised to sum 1; default equal)"
+    )
+    p.add_argument(
+        "--average-top-k",
+        type=int,
+        default=0,
+        help="average the K best checkpoints of each fold (fold-K/topk/) into one model",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="batch size when member OOF is recomputed")
-    p.add_argument("--device", default=None, help="cpu or cuda when member OOF is recomputed (default: cuda when available)")
+    p.add_argument(
+        "--device",
+        default=None,
+        help="cpu or cuda when member OOF is recomputed (default: cuda when available)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:

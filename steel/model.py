@@ -8,6 +8,7 @@ Trace with ``torch.jit.trace(net, x, strict=False)`` (the output is a dict).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import segmentation_models_pytorch as smp
@@ -46,6 +47,8 @@ class TwoHeadNet(nn.Module):
         dropout: dropout of the classification head.
         pooling: "avg" or "max" pooling of the classification head.
         arch_kwargs: extra keyword arguments of the smp architecture (decoder_channels, ...).
+        mask_prior: if set, the mask head's bias starts at logit(mask_prior) (e.g. 0.01) so that training does
+            not begin by predicting defects everywhere (the focal-loss paper's prior initialisation).
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class TwoHeadNet(nn.Module):
         dropout: float = 0.2,
         pooling: str = "avg",
         arch_kwargs: dict[str, Any] | None = None,
+        mask_prior: float | None = None,
     ) -> None:
         super().__init__()
         if in_channels not in (1, 3):
@@ -76,6 +80,11 @@ class TwoHeadNet(nn.Module):
         except (KeyError, ValueError, RuntimeError) as e:
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise SteelError(f"cannot build {arch} with encoder {encoder!r}: {msg}") from None
+        if mask_prior is not None:
+            if not 0.0 < mask_prior < 1.0:
+                raise SteelError(f"mask_prior {mask_prior}: must be in (0, 1)")
+            head = [m for m in self.net.segmentation_head.modules() if isinstance(m, nn.Conv2d)][-1]
+            nn.init.constant_(head.bias, math.log(mask_prior / (1.0 - mask_prior)))
         self.in_channels = in_channels
         mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
         if in_channels == 1:
@@ -106,13 +115,18 @@ def pad_to_multiple(x: torch.Tensor, multiple: int = 32) -> tuple[torch.Tensor, 
     return x, (h, w)
 
 
-def run_at_size(net: nn.Module, x: torch.Tensor, input_size: tuple[int, int] | list[int] | None = None) -> dict[str, torch.Tensor]:
+def run_at_size(
+    net: nn.Module, x: torch.Tensor, input_size: tuple[int, int] | list[int] | None = None
+) -> dict[str, torch.Tensor]:
     """Run ``net`` on native images x (B, 1, H, W): resize to ``input_size`` (bilinear) if given, else pad to
     multiples of 32; mask logits come back at (H, W)."""
     h, w = x.shape[-2:]
     if input_size is not None and tuple(input_size) != (h, w):
         out = net(F.interpolate(x, size=tuple(input_size), mode="bilinear", align_corners=False))
-        return {"mask": F.interpolate(out["mask"], size=(h, w), mode="bilinear", align_corners=False), "label": out["label"]}
+        return {
+            "mask": F.interpolate(out["mask"], size=(h, w), mode="bilinear", align_corners=False),
+            "label": out["label"],
+        }
     xp, _ = pad_to_multiple(x)
     out = net(xp)
     return {"mask": out["mask"][..., :h, :w], "label": out["label"]}

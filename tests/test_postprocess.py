@@ -15,6 +15,17 @@ from steel.postprocess import (
     remove_small_components,
 )
 
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """torch on one thread while this module runs: the 2 test cores are shared, and oversubscribed intra-op
+    threads make the many small run-graph ops several times slower (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # One class map (6, 8): a 3x3 block (9 px), a diagonal pair (one 8-connected component of 2 px, two
 # 4-connected ones) and an isolated pixel; 0.5 exactly counts as foreground (prob >= pixel).
 PLANE = np.zeros((6, 8), np.float32)
@@ -142,18 +153,190 @@ def serpentine(h: int, w: int) -> np.ndarray:
     return m
 
 
+def column_snake(h: int, w: int) -> np.ndarray:
+    """The serpentine turned sideways: 1-pixel-wide columns joined alternately at the bottom and top (many runs)."""
+    return np.ascontiguousarray(serpentine(w, h).T)
+
+
+def spiral(h: int, w: int) -> np.ndarray:
+    """A square spiral path, 1 pixel wide with 1-pixel gaps, walked inwards from the top-left corner."""
+    m = np.zeros((h, w), bool)
+    r, c, k = 0, 0, 0
+    steps = [w - 1, h - 1, w - 1, h - 3]  # right, down, left, up; each later pair 2 shorter
+    while steps[k % 4] > 0:
+        n = steps[k % 4]
+        dr, dc = [(0, 1), (1, 0), (0, -1), (-1, 0)][k % 4]
+        rows, cols = r + dr * np.arange(n + 1), c + dc * np.arange(n + 1)
+        m[rows, cols] = True
+        r, c = r + dr * n, c + dc * n
+        steps[k % 4] -= 2 if k == 0 else 4
+        k += 1
+    return m
+
+
+def zigzag(h: int, w: int) -> np.ndarray:
+    """One pixel per column bouncing between the top and bottom rows: connected by diagonal steps only."""
+    m = np.zeros((h, w), bool)
+    x = np.arange(w)
+    t = x % (2 * h - 2)
+    m[np.where(t < h, t, 2 * h - 2 - t), x] = True
+    return m
+
+
+def checkerboard(h: int, w: int) -> np.ndarray:
+    """Diagonal neighbours only: one 8-connected component of h*w/2 pixels (h*w/2 of them 4-connected)."""
+    return (np.add.outer(np.arange(h), np.arange(w)) % 2) == 0
+
+
+def dust(h: int, w: int) -> np.ndarray:
+    """Many tiny components: isolated pixels on every other row and column, plus 2x1 and 1x2 specks."""
+    m = np.zeros((h, w), bool)
+    m[::2, ::2] = True
+    m[::4, 1::8] = True  # join some pixels into horizontal pairs and triples
+    m[1::4, ::6] = True  # and vertical ones
+    return m
+
+
+def hard_planes(h: int, w: int) -> np.ndarray:
+    """bool (N, H, W): the shapes above, plus their flips, random noise around the percolation threshold."""
+    rng = np.random.default_rng(7)
+    shapes = [
+        serpentine(h, w),
+        column_snake(h, w),
+        spiral(h, w),
+        zigzag(h, w),
+        checkerboard(h, w),
+        dust(h, w),
+    ]
+    shapes += [s[::-1, ::-1] for s in shapes[:4]] + [zigzag(h, w) | zigzag(h, w)[::-1]]
+    shapes += [rng.random((h, w)) < d for d in (0.3, 0.41, 0.6)]
+    shapes += [np.ones((h, w), bool), np.zeros((h, w), bool)]
+    return np.stack([np.ascontiguousarray(s) for s in shapes])
+
+
+def opencv_sizes(m: np.ndarray) -> np.ndarray:
+    """The reference: component size of every pixel of bool (H, W), 8-connectivity, 0 off the mask."""
+    _, lab = cv2.connectedComponents(m.astype(np.uint8), connectivity=8)
+    return np.bincount(lab.ravel())[lab] * m
+
+
+def test_hard_shapes_are_what_they_claim():
+    assert cv2.connectedComponents(spiral(40, 64).astype(np.uint8), connectivity=8)[0] == 2  # background + 1
+    assert cv2.connectedComponents(zigzag(16, 300).astype(np.uint8), connectivity=4)[0] == 301
+    assert cv2.connectedComponents(zigzag(16, 300).astype(np.uint8), connectivity=8)[0] == 2
+    assert cv2.connectedComponents(column_snake(20, 50).astype(np.uint8), connectivity=8)[0] == 2
+    assert cv2.connectedComponents(dust(16, 40).astype(np.uint8), connectivity=8)[0] > 100
+    assert spiral(40, 64).sum() > 40 * 64 / 2 - 64  # one path over half the pixels
+
+
 def test_component_sizes_torch_match_opencv():
     rng = np.random.default_rng(0)
     masks = [rng.random((3, 17, 29)) < d for d in (0.2, 0.45, 0.6)]
     masks.append(serpentine(21, 30)[None])
     assert component_sizes_torch(torch.from_numpy(masks[-1])).max() == masks[-1].sum()
     masks.append(np.zeros((1, 5, 7), bool))
+    masks += [np.ones((1, 1, 1), bool), np.ones((2, 1, 9), bool), rng.random((4, 9, 1)) < 0.5]
     for m in masks:
         sizes = component_sizes_torch(torch.from_numpy(m)).numpy()
         for i in range(len(m)):
-            _, lab = cv2.connectedComponents(m[i].astype(np.uint8), connectivity=8)
-            ref = np.bincount(lab.ravel())[lab] * m[i]
-            assert np.array_equal(sizes[i], ref)
+            assert np.array_equal(sizes[i], opencv_sizes(m[i]))
+
+
+@pytest.mark.parametrize("shape", [(256, 1600), (37, 53)])
+def test_component_sizes_torch_hard_shapes(shape):
+    """Kaggle-size snakes, spirals, diagonal-only paths, dust and noise (dense and sparse runs) vs OpenCV."""
+    masks = hard_planes(*shape)
+    sizes = component_sizes_torch(torch.from_numpy(masks)).numpy()
+    for i, m in enumerate(masks):
+        assert np.array_equal(sizes[i], opencv_sizes(m)), i
+    # one plane at a time (few runs: the binary-search path) gives the same as the whole stack (many runs)
+    for i in (0, 2, 3, 5):
+        assert np.array_equal(component_sizes_torch(torch.from_numpy(masks[i : i + 1])).numpy()[0], sizes[i])
+    snake = serpentine(*shape)
+    assert sizes[0].max() == snake.sum() and sizes[4].max() == checkerboard(*shape).sum()
+
+
+def test_postprocess_torch_hard_shapes_match_numpy():
+    """Component removal on hard shapes (thresholds just around their sizes), stride 1 and 2, some classes off."""
+    masks = hard_planes(64, 320).astype(np.float32)
+    n = len(masks) // 4 * 4
+    prob = masks[:n].reshape(-1, 4, 64, 320) * 0.8
+    cls = np.full(prob.shape[:2], 0.9, np.float32)
+    cls[1, 2] = 0.2  # gated out
+    for stride in (1, 2):
+        for mcs in ((1, 2, 3, 150), (0, 5, 0, 2000), (64 * 320, 1, 300, 0)):
+            sizes = [ClassParams(0.5, 0.5, float(a), float(mc)) for a, mc in zip((0, 40, 0, 9000), mcs)]
+            params = Params(tuple(sizes))
+            ref = np.stack([postprocess(prob[i], cls[i], params, stride) for i in range(len(prob))])
+            a = {k: torch.from_numpy(v) for k, v in params.arrays().items()}
+            out = postprocess_torch(
+                torch.from_numpy(prob),
+                torch.from_numpy(cls),
+                a["label"],
+                a["pixel"],
+                a["min_area"],
+                a["min_component"],
+                False,
+                stride,
+            )
+            assert np.array_equal(out.numpy(), ref), (stride, mcs)
+            assert ref.any() and not ref.all()
+
+
+@pytest.mark.filterwarnings(
+    "ignore::FutureWarning"
+)  # torch.jit.script is deprecated but still what export uses
+def test_scripted_equals_eager():
+    scripted_sizes = torch.jit.script(component_sizes_torch)
+    masks = torch.from_numpy(hard_planes(40, 96))
+    assert torch.equal(scripted_sizes(masks), component_sizes_torch(masks))
+    scripted = torch.jit.script(postprocess_torch)
+    rng = np.random.default_rng(5)
+    prob = torch.from_numpy(rng.random((3, 4, 40, 96), dtype=np.float32))
+    prob[0] = masks[:4].float()
+    cls = torch.from_numpy(rng.random((3, 4)).astype(np.float32))
+    for soft in (False, True):
+        for mc in ([0.0, 3.0, 30.0, 2.0], [5.0, 0.0, 0.0, 0.0]):
+            args = (
+                prob,
+                cls,
+                torch.full((4,), 0.3),
+                torch.full((4,), 0.5),
+                torch.tensor([0.0, 20.0, 0.0, 400.0]),
+                torch.tensor(mc),
+                soft,
+                1,
+            )
+            eager = postprocess_torch(*args)
+            with torch.jit.optimized_execution(False):  # as steel predict runs the exported module
+                assert torch.equal(scripted(*args), eager)
+            assert torch.equal(scripted(*args), eager)  # and with the profiling executor
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_postprocess_torch_area_exactly_min_area(stride):
+    """A plane whose area is exactly min_area is labelled: removing a speck then drops it (numpy does too)."""
+    s2 = stride * stride
+    prob = np.stack([one_class(PLANE, c) for c in range(4)])  # image c has PLANE (12 px) in class c
+    cls = np.full((4, 4), 0.9, np.float32)
+    cls[3, 3] = 0.4  # gated out
+    p = Params(
+        (
+            ClassParams(0.5, 0.5, 12 * s2, 2 * s2),  # single speck removed -> 11 px < min_area: dropped
+            ClassParams(0.5, 0.5, 12 * s2, 1 * s2),  # nothing removed -> 12 px: kept
+            ClassParams(0.5, 0.5, 12 * s2, 0),  # no component removal: kept
+            ClassParams(0.5, 0.5, 0, 3 * s2),  # pair and speck removed, gated out in image 3
+        )
+    )
+    a = {k: torch.from_numpy(v) for k, v in p.arrays().items()}
+    out = postprocess_torch(
+        torch.from_numpy(prob), torch.from_numpy(cls), a["label"], a["pixel"], a["min_area"], a["min_component"],
+        False, stride,
+    ).numpy()  # fmt: skip
+    ref = np.stack([postprocess(prob[i], cls[i], p, stride) for i in range(4)])
+    assert np.array_equal(out, ref)
+    assert [fg(out[c, c]) for c in range(4)] == [set(), BLOCK | PAIR | SINGLE, BLOCK | PAIR | SINGLE, set()]
+    assert fg(postprocess(prob[3], np.full(4, 0.9, np.float32), p, stride)[3]) == BLOCK
 
 
 def test_remove_small_components_matches_scipy_eight_connectivity():

@@ -43,6 +43,15 @@ def run_dir(tmp_path, oof_root) -> Path:
     return tmp_path / "run"
 
 
+def vars_of(p: Params) -> dict:
+    """Optuna parameter values (``label_1``, ...) of a Params."""
+    return {
+        f"{k}_{c}": getattr(cp, k)
+        for c, cp in enumerate(p.classes, 1)
+        for k in ("label", "pixel", "min_area", "min_component")
+    }
+
+
 def random_params(cfg, rng) -> Params:
     vals = {
         f"{k}_{c}": d.value(int(rng.integers(d.n)))
@@ -154,6 +163,9 @@ def test_configs(tmp_path):
     bad("classes:\n  5: {}\n", "classes key '5'")
     bad("objective: median\n", "objective 'median'")
     bad("mode: fuzzy\n", "mode 'fuzzy'")
+    bad("sampler: {batch: 0}\n", "sampler batch 0 must be an integer >= 1")
+    bad("sampler: {multivariate: 1}\n", "sampler multivariate 1 must be true or false")
+    bad("sampler: {liar: true}\n", "unknown sampler key 'liar'")
     bad("[1, 2\n", "not valid YAML")
     with pytest.raises(SteelError, match="not found"):
         load_config(tmp_path / "missing.yaml")
@@ -206,6 +218,7 @@ def test_cli_sweep_two_workers_sqlite_and_journal(run_dir, tmp_path, monkeypatch
     url = f"sqlite:///{run_dir.resolve() / 'sweep.db'}"
     trials = study_trials(url, "thresholds-soft")
     assert len(trials) == 14 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert sorted(t.number for t in trials) == list(range(14))
     out = json.loads((run_dir / "thresholds.json").read_text())
     assert out["mode"] == "soft" and out["objective"] == "robust" and out["trials"] == 14
     journal = tmp_path / "j" / "sweep.log"
@@ -254,3 +267,64 @@ def test_cli_sweep_user_errors(run_dir, tmp_path, monkeypatch, capsys):
         capsys, run_dir, "--trials", 1, "--study-name", "s", "--config", bad_cfg.with_name("o.yaml")
     )
     assert rc == 2 and "another search space" in err
+
+
+def fast_dice(oof_root, cfg) -> FastDice:
+    store = OOFStore(oof_root)
+    stats, _ = load_or_compute_stats(store, *sweep_grids(cfg), cfg["mode"], progress=False)
+    return FastDice(stats, np.asarray(store.cls), store.folds)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_batch_written_trials_are_optuna_trials(oof_root, tmp_path, kind):
+    """TrialWriter (SQLite: one transaction per batch, straight into optuna's tables) stores what optuna's
+    own trials hold; numbering continues optuna's, optuna keeps working on the study, the search reads it."""
+    cfg = load_config(None)
+    objective = sweep.Objective(fast_dice(oof_root, cfg), cfg)
+    url = f"sqlite:///{tmp_path / 's.db'}" if kind == "sqlite" else f"journal://{tmp_path / 's.log'}"
+    storage = sweep.open_storage(url)
+    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
+    study.optimize(objective, n_trials=3)  # trials made by optuna itself (as by an older steel sweep)
+    rng = np.random.default_rng(1)
+    values = [vars_of(random_params(cfg, rng)) for _ in range(7)]
+    made = [
+        optuna.trial.create_trial(params=v, distributions=objective.dists, value=objective.evaluate(v)[0])
+        for v in values
+    ]
+    writer = sweep.TrialWriter(storage, "s")
+    assert writer.bulk == (kind == "sqlite")
+    assert writer.write(made[:5]) == [3, 4, 5, 6, 7] and writer.write(made[5:]) == [8, 9]
+    again = optuna.load_study(study_name="s", storage=sweep.open_storage(url))  # another process, say
+    again.optimize(objective, n_trials=1)
+    back = optuna.load_study(study_name="s", storage=sweep.open_storage(url)).get_trials(deepcopy=False)
+    assert [t.number for t in back] == list(range(11))
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in back)
+    for a, b in zip(made, back[3:10]):
+        assert (b.params, b.distributions, b.value) == (a.params, a.distributions, a.value)
+        assert (b.datetime_start, b.datetime_complete) == (a.datetime_start, a.datetime_complete)
+    assert back[0].distributions == back[5].distributions  # the same distributions as optuna's suggest_*
+    search = sweep.TrialSearch(objective, cfg, seed=0)
+    search.sync(again)
+    assert search.finished == {t.number: t.value for t in back}
+    # mean objective: each class's TPE learns from that class's own mean dice
+    assert len(search.groups) == 4 and np.allclose(
+        search.groups[2].y, [objective.evaluate(t.params)[1][2] for t in back]
+    )
+
+
+@pytest.mark.parametrize("objective_kind", ["mean", "robust"])
+def test_batched_tpe_beats_random_search(oof_root, objective_kind):
+    cfg = load_config(None)
+    cfg["objective"] = objective_kind
+    cfg["sampler"].update(n_startup_trials=20, batch=8)
+    fast = fast_dice(oof_root, cfg)
+    objective = sweep.Objective(fast, cfg)
+    study, interrupted, finished = sweep.run_study(
+        fast, cfg, "memory", optuna.storages.InMemoryStorage(), "s", 150, progress=False
+    )
+    assert not interrupted and len(finished) == 150 == len(study.trials)
+    assert study.trials[0].params == vars_of(Params.uniform())  # the default thresholds come first
+    rng = np.random.default_rng(0)
+    random_best = max(objective.evaluate(vars_of(random_params(cfg, rng)))[0] for _ in range(150))
+    assert study.best_value > random_best
+    assert study.best_value == max(finished.values())

@@ -1,0 +1,219 @@
+"""``steel demo``: the whole chain on synthetic data, on CPU, resumable.
+
+synth -> 10 stratified folds -> launch every fold of the embedded tiny recipe -> OOF -> sweep -> blend (flip
+TTA) -> sweep -> export -> predict the synthetic test images -> score against their truth. Ends with a table
+(all-empty baseline, default thresholds, tuned single run, tuned blend) and a PNG report in the out dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import time
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from steel import N_CLASSES
+from steel.errors import SteelError
+from steel.io import read_json, write_json
+
+RECIPE = "tiny.yaml"
+
+
+def recipe_path() -> Path:
+    """The embedded tiny recipe (same file as experiments/tiny.yaml; a test keeps them equal)."""
+    return Path(str(resources.files("steel") / "resources" / RECIPE))
+
+
+def _step(title: str) -> float:
+    print(f"\n==> {title}", flush=True)
+    return time.time()
+
+
+def _cli(*args: object) -> None:
+    from steel.cli import main
+
+    rc = main([str(a) for a in args])
+    if rc != 0:
+        raise SteelError(f"`steel {' '.join(map(str, args))}` exited {rc}")
+
+
+def _score(sub: Path, data: Path) -> dict[str, float]:
+    from steel.metrics import score_submission
+
+    per_pair = score_submission(sub, data / "test_truth.csv", data / "test_images")
+    per_class = per_pair[[f"dice_{c}" for c in range(1, N_CLASSES + 1)]].mean()
+    return {"mean": float(per_class.mean()), **{f"dice_{c}": float(per_class[f"dice_{c}"]) for c in range(1, N_CLASSES + 1)}}
+
+
+def _empty_submission(data: Path, out: Path) -> Path:
+    from steel.labels import list_images, write_submission
+
+    ids = list_images(data / "test_images")
+    write_submission(ids, [[""] * N_CLASSES for _ in ids], out)
+    return out
+
+
+def _default_dir(blend_dir: Path, out: Path) -> Path:
+    """A copy of the ensemble manifest with the default thresholds (0.5 label, 0.5 pixel, no area rules)."""
+    from steel.postprocess import Params
+
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(blend_dir / "ensemble.yaml", out / "ensemble.yaml")
+    Params.uniform().save(out / "thresholds.json", note="default thresholds, not tuned")
+    return out
+
+
+def report_png(out: Path, table: pd.DataFrame, data: Path, sub: Path, curves: Path | None) -> Path:
+    """Per-class dice bars, the sweep's threshold curves and a few test images with predicted/true masks."""
+    import cv2
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from steel import rle
+    from steel.labels import read_submission
+
+    truth = pd.read_csv(data / "test_truth.csv")
+    pred = read_submission(sub)
+    ids = [i for i in truth["ImageId"].unique()[:3]] or sorted(os.listdir(data / "test_images"))[:3]
+    fig = plt.figure(figsize=(14, 4 + 2.2 * len(ids) + (4 if curves else 0)))
+    rows = 1 + len(ids) + (2 if curves else 0)
+    ax = fig.add_subplot(rows, 1, 1)
+    x = np.arange(N_CLASSES + 1)
+    for i, (name, r) in enumerate(table.iterrows()):
+        vals = [r["mean"]] + [r[f"dice_{c}"] for c in range(1, N_CLASSES + 1)]
+        ax.bar(x + (i - len(table) / 2 + 0.5) * 0.8 / len(table), vals, 0.8 / len(table), label=name)
+    ax.set_xticks(x, ["mean"] + [f"class {c}" for c in range(1, N_CLASSES + 1)])
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("dice (synthetic test)")
+    ax.legend(loc="lower left", fontsize=8)
+    colours = np.array([[230, 25, 75], [60, 180, 75], [0, 130, 200], [245, 130, 48]], np.uint8)
+    for j, image_id in enumerate(ids):
+        img = cv2.imread(str(data / "test_images" / image_id), cv2.IMREAD_GRAYSCALE)
+        h, w = img.shape
+        rgb = np.repeat(img[..., None], 3, -1)
+        panels = []
+        for source in ("pred", "truth"):
+            canvas = rgb.copy()
+            for c in range(1, N_CLASSES + 1):
+                if source == "pred":
+                    s = pred[(pred["ImageId"] == image_id) & (pred["ClassId"] == c)]["EncodedPixels"]
+                else:
+                    s = truth[(truth["ImageId"] == image_id) & (truth["ClassId"] == c)]["EncodedPixels"]
+                m = rle.decode(s.iloc[0] if len(s) else "", (h, w)).astype(bool)
+                canvas[m] = (0.45 * canvas[m] + 0.55 * colours[c - 1]).astype(np.uint8)
+            panels.append(canvas)
+        a = fig.add_subplot(rows, 1, 2 + j)
+        a.imshow(np.concatenate([panels[0], np.full((4, w, 3), 255, np.uint8), panels[1]]))
+        a.set_title(f"{image_id}: prediction (top) / truth (bottom); class colours red, green, blue, orange", fontsize=9)
+        a.axis("off")
+    if curves and curves.is_file():
+        a = fig.add_subplot(rows, 1, (rows - 1, rows))
+        a.imshow(plt.imread(curves))
+        a.axis("off")
+    fig.tight_layout()
+    path = out / "report.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def demo(out: str | os.PathLike = "demo-out", n_train: int = 400, n_test: int = 100, folds: int = 10,
+         trials: int = 300, parallel: int = 2, height: int = 64, width: int = 320, epochs: int | None = None) -> pd.DataFrame:  # fmt: skip
+    """Run the chain into ``out`` (resuming what is done) and return the results table."""
+    t0 = time.time()
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    data, folds_csv, run, blend_dir = out / "data", out / "folds.csv", out / "runs" / "tiny", out / "blend"
+    wanted = {"n_train": n_train, "n_test": n_test, "height": height, "width": width, "folds": folds}
+    stamp = out / "demo.json"
+    if stamp.is_file() and read_json(stamp).get("data") != wanted:
+        raise SteelError(f"{out} holds a demo made with other settings {read_json(stamp).get('data')}; use another --out")
+
+    _step(f"1/8 synthetic data: {n_train} train + {n_test} test images of {height}x{width} -> {data}")
+    if not (data / "sample_submission.csv").is_file():
+        _cli("synth", data, "--n-train", n_train, "--n-test", n_test, "--height", height, "--width", width, "--seed", 0)
+    else:
+        print("already there")
+    write_json(stamp, {"data": wanted})
+
+    _step(f"2/8 {folds} stratified folds -> {folds_csv}")
+    if not folds_csv.is_file():
+        _cli("folds", data, "--n-folds", folds, "--seed", 42, "--out", folds_csv)
+    else:
+        print("already there")
+
+    _step(f"3/8 launch {folds} folds of {RECIPE} on CPU ({parallel} at a time) -> {run}")
+    extra = ["--trainer.max_epochs", epochs] if epochs else []
+    _cli("launch", "--config", recipe_path(), "--run-dir", run, "--data-dir", data, "--folds-csv", folds_csv,
+         "--parallel", parallel, "--oof-stride", 1, "--", *extra)  # fmt: skip
+
+    _step("4/8 threshold sweep on the run's OOF")
+    if not (run / "thresholds.json").is_file():
+        _cli("sweep", run, "--trials", trials)
+    else:
+        print("already there")
+
+    _step("5/8 blend: every fold model with flip TTA (none,hflip,vflip), then its own sweep")
+    if not (blend_dir / "thresholds.json").is_file():
+        _cli("blend", run, "--out", blend_dir, "--tta", "none,hflip,vflip")
+        _cli("sweep", blend_dir, "--trials", trials)
+    else:
+        print("already there")
+
+    _step("6/8 export: run and blend, one TorchScript file each")
+    single_pt, blend_pt = out / "single.pt", out / "ensemble.pt"
+    for src, dst in ((run, single_pt), (blend_dir, blend_pt)):
+        if not dst.is_file() or dst.stat().st_mtime < (src / "thresholds.json").stat().st_mtime:
+            _cli("export", src, "--out", dst)
+
+    _step("7/8 predict the synthetic test images")
+    subs = {
+        "all-empty baseline": _empty_submission(data, out / "submission_empty.csv"),
+        "default thresholds (blend)": out / "submission_default.csv",
+        "tuned single run": out / "submission_single.csv",
+        "tuned blend": out / "submission.csv",
+    }
+    _cli("predict", _default_dir(blend_dir, out / "blend-default"), "--images", data / "test_images", "--out", subs["default thresholds (blend)"])
+    _cli("predict", single_pt, "--images", data / "test_images", "--out", subs["tuned single run"])
+    _cli("predict", blend_pt, "--images", data / "test_images", "--out", subs["tuned blend"])
+
+    _step("8/8 score against the synthetic test truth")
+    table = pd.DataFrame({name: _score(sub, data) for name, sub in subs.items()}).T
+    oof = {"tuned single run": read_json(run / "thresholds.json"), "tuned blend": read_json(blend_dir / "thresholds.json")}
+    table["oof_mean"] = [oof[n]["oof_dice"]["mean"] if n in oof else np.nan for n in table.index]
+    curves = next(iter(sorted(blend_dir.glob("*.png"))), None)
+    png = report_png(out, table, data, subs["tuned blend"], curves)
+    write_json(out / "results.json", {"table": table.reset_index(names="row").to_dict("records"), "seconds": time.time() - t0})
+
+    print("\nmean Dice on the synthetic test images (per class), OOF mean of the tuned thresholds")
+    print(table.to_string(float_format=lambda v: f"{v:.4f}"))
+    wandb_dirs = sorted({str(p.parent) for p in run.glob("fold-*/wandb")})
+    print(f"\nW&B offline runs:  {run}/fold-*/wandb (sync: wandb sync {run}/fold-0/wandb/offline-run-*)" if wandb_dirs else "")
+    print(f"thresholds:        {run / 'thresholds.json'}, {blend_dir / 'thresholds.json'}")
+    print(f"exported ensemble: {blend_pt}")
+    print(f"submission:        {subs['tuned blend']}")
+    print(f"report:            {png}")
+    print(f"done in {time.time() - t0:.0f} s")
+    return table
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="demo-out", help="output directory (run again to resume)")
+    p.add_argument("--n-train", type=int, default=400)
+    p.add_argument("--n-test", type=int, default=100)
+    p.add_argument("--folds", type=int, default=10)
+    p.add_argument("--trials", type=int, default=300, help="Optuna trials per sweep")
+    p.add_argument("--parallel", type=int, default=2, help="folds trained at once")
+    p.add_argument("--epochs", type=int, default=None, help="override the recipe's max_epochs")
+
+
+def main(args: argparse.Namespace) -> int:
+    demo(args.out, args.n_train, args.n_test, args.folds, args.trials, args.parallel, epochs=args.epochs)
+    return 0
