@@ -3,10 +3,14 @@
 Builds a synthetic OOF store (default: the full Kaggle train set, 12,568 images, 256x1600 at stride 2 ->
 4 x 128 x 800 per image; ~5 GB masks + ~5 GB truth memmaps on disk), then prints:
   * statistics precompute time (cold, streamed over the memmap, --workers processes) and cache load time;
-  * time of --trials parameter evaluations with FastDice (the objective alone) and of --trials Optuna TPE
-    trials end to end (in-memory storage, 1 process; journal file and SQLite, --workers processes);
+  * time of --trials parameter evaluations with FastDice (the objective alone);
   * brute force (steel.postprocess on every mask + steel.metrics.dice_per_pair) on --brute-images images
-    for --brute-sets parameter sets, extrapolated per image to the whole store, and the per-trial ratio.
+    for --brute-sets parameter sets, extrapolated per image to the whole store, and the per-trial ratio;
+  * --trials trials of the sweep's study end to end (``run_study``: batched TPE, one write per batch) in
+    memory (1 process), in a journal file and in SQLite (--workers processes), against the baseline of the
+    same run: optuna's per-trial ``study.optimize`` with the TPESampler the sweep used before (in memory);
+  * the default ``steel sweep RUN --trials 1000`` as a user runs it (new SQLite study in the run dir,
+    cached statistics, 1 process, W&B offline, PNG): wall and CPU time.
 The fast and brute-force Dice of the subset are checked to agree to 1e-9.
 
     python benchmarks/bench_sweep.py                   # full size (needs ~11 GB of disk, several minutes)
@@ -16,8 +20,11 @@ The fast and brute-force Dice of the subset are checked to agree to 1e-9.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,6 +47,8 @@ from steel.sweep import (  # noqa: E402
     write_synthetic_oof,
 )
 
+DEFAULT = {"label": 0.5, "pixel": 0.5, "min_area": 0, "min_component": 0}
+
 
 def random_values(cfg: dict, rng: np.random.Generator) -> dict:
     return {
@@ -60,6 +69,13 @@ def main() -> int:
         "--storage-trials", type=int, default=1000, help="trials for the journal / SQLite runs (0: skip)"
     )
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument(
+        "--baseline-trials",
+        type=int,
+        default=1000,
+        help="trials of the per-trial optuna TPESampler baseline (0: skip)",
+    )
+    ap.add_argument("--cli-trials", type=int, default=1000, help="trials of the `steel sweep` run (0: skip)")
     ap.add_argument("--brute-images", type=int, default=200)
     ap.add_argument("--brute-sets", type=int, default=3)
     ap.add_argument("--config", default=None, help="sweep config (default: built-in = sweeps/default.yaml)")
@@ -140,24 +156,72 @@ def main() -> int:
         assert worst <= 1e-9, "fast dice disagrees with brute force"
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
+        from steel.sweep import open_storage
+
+        t_base = None
+        if args.baseline_trials:
+            sampler = optuna.samplers.TPESampler(
+                seed=0, n_startup_trials=50, multivariate=True, n_ei_candidates=24, constant_liar=True
+            )
+            study = optuna.create_study(direction="maximize", sampler=sampler)
+            study.enqueue_trial(  # as the sweep did: the default thresholds first
+                {
+                    f"{k}_{c}": d[k].value(d[k].index(v))
+                    for c, d in enumerate(cfg["dims"], 1)
+                    for k, v in DEFAULT.items()
+                }
+            )
+            t = time.perf_counter()
+            study.optimize(objective, n_trials=args.baseline_trials)
+            t_base = (time.perf_counter() - t) / args.baseline_trials
+            report(
+                f"baseline, optuna TPESampler(multivariate, 16 params) + study.optimize, per trial, in memory: "
+                f"{args.baseline_trials} trials in {t_base * args.baseline_trials:.1f} s "
+                f"({t_base * 1e3:.1f} ms/trial), best {study.best_value:.5f}"
+            )
         runs = [("in-memory", optuna.storages.InMemoryStorage(), "memory", 1, args.trials)]
         if args.storage_trials:
             runs.append(
                 ("journal file", None, f"journal://{work / 'sweep.log'}", args.workers, args.storage_trials)
             )
-            runs.append(("SQLite", None, f"sqlite:///{work / 'sweep.db'}", args.workers, args.storage_trials))
-        from steel.sweep import open_storage
-
+            runs.append(("SQLite", None, f"sqlite:///{work / 'sweep.db'}", 1, args.storage_trials))
+            if args.workers > 1:
+                runs.append(
+                    ("SQLite", None, f"sqlite:///{work / 'sweep.db'}", args.workers, args.storage_trials)
+                )
         for label, storage, url, workers, trials in runs:
             storage = storage or open_storage(url)
             t = time.perf_counter()
-            study, _ = run_study(
-                fast, cfg, url, storage, f"bench-{label}", trials, workers, 0, path, store.dir
+            study, _, _ = run_study(
+                fast, cfg, url, storage, f"bench-{label}-{workers}", trials, workers, 0, path, store.dir
             )
             dt = time.perf_counter() - t
+            vs = f", {t_base * trials / dt:.1f}x the baseline" if t_base else ""
             report(
-                f"Optuna TPE, {label} storage, {workers} process(es): {trials} trials in {dt:.1f} s "
-                f"({dt / trials * 1e3:.1f} ms/trial), best {study.best_value:.5f}"
+                f"sweep study (batched TPE), {label} storage, {workers} process(es): {trials} trials in "
+                f"{dt:.1f} s ({dt / trials * 1e3:.2f} ms/trial{vs}), best {study.best_value:.5f}"
+            )
+        if args.cli_trials:
+            cli_run = work / "cli-run"
+            shutil.rmtree(cli_run, ignore_errors=True)
+            cli_run.mkdir()
+            (cli_run / "oof").symlink_to(store.dir.resolve())
+            env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+            cmd = [sys.executable, "-m", "steel.cli", "sweep", str(cli_run), "--trials", str(args.cli_trials)]
+            cmd += ["--config", args.config] if args.config else []
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            t = time.perf_counter()
+            proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            dt = time.perf_counter() - t
+            if proc.returncode != 0:
+                raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}: {proc.stderr[-2000:]}")
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+            out_json = json.loads((cli_run / "thresholds.json").read_text())
+            report(
+                f"`steel sweep RUN --trials {args.cli_trials}` end to end (new SQLite study, cached statistics, "
+                f"1 process, W&B offline, PNG): {dt:.1f} s wall, {cpu:.1f} s CPU; OOF dice "
+                f"{out_json['oof_dice']['mean']:.5f} (default thresholds {out_json['default_dice']['mean']:.5f})"
             )
         print("\n--- summary (markdown) ---")
         print(f"`python benchmarks/bench_sweep.py {' '.join(sys.argv[1:])}`".replace(" `", "`"))

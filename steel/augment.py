@@ -28,9 +28,22 @@ def _light() -> list[A.BasicTransform]:
 def _medium() -> list[A.BasicTransform]:
     """Light + small affine jitter, gamma and mild noise/blur."""
     return _light() + [
-        A.Affine(scale=(0.9, 1.1), translate_percent=(-0.05, 0.05), rotate=(-5, 5), border_mode=cv2.BORDER_REFLECT_101, p=0.3),
+        A.Affine(
+            scale=(0.9, 1.1),
+            translate_percent=(-0.05, 0.05),
+            rotate=(-5, 5),
+            border_mode=cv2.BORDER_REFLECT_101,
+            p=0.3,
+        ),
         A.RandomGamma(gamma_limit=(85, 115), p=0.2),
-        A.OneOf([A.GaussNoise(std_range=(0.02, 0.06)), A.GaussianBlur(blur_limit=(3, 5)), A.MotionBlur(blur_limit=(3, 5))], p=0.2),
+        A.OneOf(
+            [
+                A.GaussNoise(std_range=(0.02, 0.06)),
+                A.GaussianBlur(blur_limit=(3, 5)),
+                A.MotionBlur(blur_limit=(3, 5)),
+            ],
+            p=0.2,
+        ),
     ]
 
 
@@ -40,7 +53,9 @@ def _heavy() -> list[A.BasicTransform]:
         A.GridDistortion(num_steps=5, distort_limit=0.2, border_mode=cv2.BORDER_REFLECT_101, p=0.2),
         A.CLAHE(clip_limit=2.0, p=0.2),
         A.Sharpen(p=0.1),
-        A.CoarseDropout(num_holes_range=(1, 4), hole_height_range=(0.05, 0.15), hole_width_range=(0.02, 0.08), p=0.2),
+        A.CoarseDropout(
+            num_holes_range=(1, 4), hole_height_range=(0.05, 0.15), hole_width_range=(0.02, 0.08), p=0.2
+        ),
     ]
 
 
@@ -82,7 +97,15 @@ def build_train_transform(
         if defect_crop_p >= 1.0:
             steps.append(A.CropNonEmptyMaskIfExists(h, w))
         elif defect_crop_p > 0.0:
-            steps.append(A.OneOf([A.CropNonEmptyMaskIfExists(h, w, p=defect_crop_p), A.RandomCrop(h, w, p=1.0 - defect_crop_p)], p=1.0))
+            steps.append(
+                A.OneOf(
+                    [
+                        A.CropNonEmptyMaskIfExists(h, w, p=defect_crop_p),
+                        A.RandomCrop(h, w, p=1.0 - defect_crop_p),
+                    ],
+                    p=1.0,
+                )
+            )
         else:
             steps.append(A.RandomCrop(h, w))
     steps += AUGMENTS[augment]()
@@ -108,7 +131,9 @@ class DefectBlackout:
         if self.dilate > 0:
             k = 2 * self.dilate + 1
             region = cv2.dilate(region, np.ones((k, k), np.uint8))
-        region = region.astype(bool) & ~np.delete(masks, c, axis=-1).any(-1)  # other classes keep their pixels
+        region = region.astype(bool) & ~np.delete(masks, c, axis=-1).any(
+            -1
+        )  # other classes keep their pixels
         background = np.where(masks.any(-1), np.nan, image.astype(np.float32))
         with warnings.catch_warnings():  # rows that are all defect give NaN medians; replaced below
             warnings.simplefilter("ignore", RuntimeWarning)

@@ -75,7 +75,9 @@ class SteelDataset(Dataset):
         if not self.with_masks:
             return {"image": torch.from_numpy(img).float().div_(255.0)[None], "image_id": image_id}
         if self.shape is not None and img.shape != tuple(self.shape):
-            raise SteelError(f"{self.images_dir / image_id}: image is {img.shape[0]}x{img.shape[1]}, labels expect {self.shape[0]}x{self.shape[1]}")
+            raise SteelError(
+                f"{self.images_dir / image_id}: image is {img.shape[0]}x{img.shape[1]}, labels expect {self.shape[0]}x{self.shape[1]}"
+            )
         masks = np.stack([rle.decode(r, img.shape) for r in self.rles[i]], axis=-1)  # (H, W, 4)
         if self.blackout is not None:
             img, masks = self.blackout(img, masks)
@@ -220,7 +222,9 @@ class SteelDataModule(pl.LightningDataModule):
         self.val_size = _check_size(val_size, "val_size")
         if batch_size < 1:
             raise SteelError(f"batch_size {batch_size}: must be at least 1")
-        self.train_transform = build_train_transform(augment, self.train_crop, self.train_resize, defect_crop_p)
+        self.train_transform = build_train_transform(
+            augment, self.train_crop, self.train_resize, defect_crop_p
+        )
         self.blackout = DefectBlackout(blackout_p) if blackout_p > 0 else None
         if sampler == "negatives" and not 0.0 <= negatives_fraction <= 1.0:
             raise SteelError(f"negatives_fraction {negatives_fraction}: must be in [0, 1]")
@@ -235,7 +239,9 @@ class SteelDataModule(pl.LightningDataModule):
         known = set(table["ImageId"])
         missing = [i for i in train_ids + val_ids if i not in known]
         if missing:
-            raise SteelError(f"{hp.folds_csv}: image {missing[0]} is not in {Path(hp.data_dir) / 'train_images'} ({len(missing)} such)")
+            raise SteelError(
+                f"{hp.folds_csv}: image {missing[0]} is not in {Path(hp.data_dir) / 'train_images'} ({len(missing)} such)"
+            )
         by_id = table.set_index("ImageId", drop=False)
         train, val = by_id.loc[train_ids].reset_index(drop=True), by_id.loc[val_ids].reset_index(drop=True)
         train.attrs["shape"] = val.attrs["shape"] = table.attrs["shape"]
@@ -247,7 +253,9 @@ class SteelDataModule(pl.LightningDataModule):
         if stage in (None, "fit", "validate", "test") and self.val_set is None:
             train, val = self._tables()
             self.train_table, self.val_table = train, val
-            self.train_set = SteelDataset(images, train, transform=self.train_transform, blackout=self.blackout)
+            self.train_set = SteelDataset(
+                images, train, transform=self.train_transform, blackout=self.blackout
+            )
             self.val_set = SteelDataset(images, val)
         if stage == "predict" and self.predict_set is None:
             pdir = Path(hp.predict_dir) if hp.predict_dir else Path(hp.data_dir) / "test_images"
@@ -256,7 +264,14 @@ class SteelDataModule(pl.LightningDataModule):
                 raise SteelError(f"{pdir}: no images to predict")
             self.predict_set = SteelDataset(pdir, pd.DataFrame({"ImageId": names}), with_masks=False)
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False, sampler: Sampler | None = None, drop_last: bool = False) -> DataLoader:
+    def _loader(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        shuffle: bool = False,
+        sampler: Sampler | None = None,
+        drop_last: bool = False,
+    ) -> DataLoader:
         hp = self.hparams
         return DataLoader(
             dataset,
@@ -282,7 +297,13 @@ class SteelDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None, "call setup('fit') first"
         drop_last = len(self.train_set) > self.hparams.batch_size  # BatchNorm dislikes a last batch of 1
-        return self._loader(self.train_set, self.hparams.batch_size, shuffle=True, sampler=self.train_sampler(), drop_last=drop_last)
+        return self._loader(
+            self.train_set,
+            self.hparams.batch_size,
+            shuffle=True,
+            sampler=self.train_sampler(),
+            drop_last=drop_last,
+        )
 
     def _eval_sampler(self, dataset: Dataset) -> Sampler | None:
         trainer = self.trainer

@@ -108,6 +108,11 @@ def fold_command(config: str, k: int, run_dir: Path, overrides: list[str], devic
     return cmd
 
 
+def _fmt(v: Any) -> str:
+    """A dice value for the progress table: 4 decimals, or '-' before the first validation."""
+    return f"{v:.4f}" if isinstance(v, int | float) else "-"
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
     """Linux: the fold process gets SIGTERM if the launcher dies, even by SIGKILL."""
     os.setsid()
@@ -163,7 +168,7 @@ class LocalLauncher:
             f.info = read_json(metrics)
             write_json(f.dir / "done.json", {"fold": f.k, "attempts": f.attempts, "finished": time.time(), **f.info})
             f.state = "done"
-            print(f"fold {f.k}: done, best val/dice {f.info.get('best_val_dice', float('nan')):.4f}", flush=True)
+            print(f"fold {f.k}: done, best val/dice {_fmt(f.info.get('best_val_dice'))}", flush=True)
         elif f.attempts <= self.retries:
             f.state = "queued"
             print(f"fold {f.k}: exited {rc}; retry {f.attempts}/{self.retries} (see {f.dir / 'train.log'})", flush=True)
@@ -176,7 +181,7 @@ class LocalLauncher:
         for f in self.folds:
             p = f.info or f.progress()
             ep = p.get("epoch", p.get("best_epoch", ""))
-            rows.append(f"{f.k:>4}  {f.state:<8} {ep!s:>5}  {p.get('val_dice', float('nan')):8.4f}  {p.get('best_val_dice', float('nan')):.4f}")
+            rows.append(f"{f.k:>4}  {f.state:<8} {ep!s:>5}  {_fmt(p.get('val_dice')):>8}  {_fmt(p.get('best_val_dice'))}")
         return "\n".join(rows)
 
     def stop(self) -> None:
@@ -241,7 +246,7 @@ def prepare_run_dir(run_dir: Path, config: str, folds_csv: str | None, overrides
 def summarise(run_dir: Path, folds: list[Fold], experiment: str) -> dict[str, Any]:
     """CV mean/std of best val/dice over done folds -> summary.json (+ a W&B group-level run)."""
     done = [f for f in folds if f.state in ("done", "skipped")]
-    scores = np.array([float(f.info.get("best_val_dice", np.nan)) for f in done])
+    scores = np.array([v if isinstance(v := f.info.get("best_val_dice"), int | float) else np.nan for f in done], float)
     summary = {
         "experiment": experiment,
         "folds": {str(f.k): {"state": f.state, "best_val_dice": f.info.get("best_val_dice"), "attempts": f.attempts} for f in folds},
@@ -358,7 +363,7 @@ def main(args: argparse.Namespace) -> int:
             write_json(f.dir / "done.json", {"fold": f.k, "attempts": 0, "finished": time.time(), **read_json(f.dir / "metrics.json")})
         if (f.dir / "done.json").is_file():
             f.state, f.info = "skipped", read_json(f.dir / "done.json")
-            print(f"fold {f.k}: already done (best val/dice {f.info.get('best_val_dice', float('nan')):.4f}), skipped")
+            print(f"fold {f.k}: already done (best val/dice {_fmt(f.info.get('best_val_dice'))}), skipped")
     if args.executor == "slurm" and any(f.state == "queued" for f in folds):
         return submit_slurm(args, folds, run_dir, overrides)
     launcher = LocalLauncher(folds, args.config, run_dir, overrides, parse_gpus(args.gpus), args.gpus_per_fold,

@@ -51,7 +51,9 @@ class LovaszHinge(nn.Module):
 
 
 def _bce(pos_weight: float | Sequence[float] | None = None, smooth_factor: float | None = None) -> nn.Module:
-    return smp_losses.SoftBCEWithLogitsLoss(pos_weight=_pos_weight(pos_weight, 2), smooth_factor=smooth_factor, ignore_index=None)
+    return smp_losses.SoftBCEWithLogitsLoss(
+        pos_weight=_pos_weight(pos_weight, 2), smooth_factor=smooth_factor, ignore_index=None
+    )
 
 
 def _dice(smooth: float = 0.0, log_loss: bool = False) -> nn.Module:
@@ -95,7 +97,9 @@ class WeightedLoss(nn.Module):
         self.parts = nn.ModuleDict(parts)
         self.weights = dict(weights)
 
-    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(
+        self, logits: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits, target = logits.float(), target.float()
         values = {name: part(logits, target) for name, part in self.parts.items()}
         total = sum(self.weights[name] * v for name, v in values.items())
@@ -112,7 +116,9 @@ def build_seg_loss(config: dict[str, Any] | str | None = None) -> WeightedLoss:
     for key in [k for k in cfg if k.endswith("_weight") and k[: -len("_weight")] in PARTS]:
         part = key[: -len("_weight")]
         if part not in weights:
-            raise SteelError(f"seg_loss {name!r} has no part {part!r} (parts: {', '.join(weights)}); drop {key}")
+            raise SteelError(
+                f"seg_loss {name!r} has no part {part!r} (parts: {', '.join(weights)}); drop {key}"
+            )
         weights[part] = float(cfg.pop(key))
     parts = {}
     for part in weights:
@@ -121,16 +127,22 @@ def build_seg_loss(config: dict[str, Any] | str | None = None) -> WeightedLoss:
     used = {k for part in weights for k in PARTS[part][1]}
     unknown = sorted(set(cfg) - used)
     if unknown:
-        raise SteelError(f"seg_loss {name!r}: unknown option {unknown[0]!r} (options: {', '.join(sorted(used)) or 'none'})")
+        raise SteelError(
+            f"seg_loss {name!r}: unknown option {unknown[0]!r} (options: {', '.join(sorted(used)) or 'none'})"
+        )
     return WeightedLoss(parts, weights)
 
 
 class ClsLoss(nn.Module):
     """Label-head BCE with optional per-class pos_weight: logits (B, C), labels (B, C) -> scalar."""
 
-    def __init__(self, pos_weight: float | Sequence[float] | None = None, smooth_factor: float | None = None) -> None:
+    def __init__(
+        self, pos_weight: float | Sequence[float] | None = None, smooth_factor: float | None = None
+    ) -> None:
         super().__init__()
-        self.loss = smp_losses.SoftBCEWithLogitsLoss(pos_weight=_pos_weight(pos_weight, 0), smooth_factor=smooth_factor, ignore_index=None)
+        self.loss = smp_losses.SoftBCEWithLogitsLoss(
+            pos_weight=_pos_weight(pos_weight, 0), smooth_factor=smooth_factor, ignore_index=None
+        )
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.loss(logits.float(), labels.float())

@@ -55,7 +55,8 @@ class SteelModule(pl.LightningModule):
     """TwoHeadNet + losses + optimiser/scheduler + validation metrics.
 
     Args:
-        arch, encoder, encoder_weights, in_channels, dropout, arch_kwargs: see ``steel.model.TwoHeadNet``.
+        arch, encoder, encoder_weights, in_channels, dropout, pooling, arch_kwargs, mask_prior: see
+            ``steel.model.TwoHeadNet`` (pooling "max" suits small defects in the label head).
         seg_loss: mask loss config, e.g. {name: bce_dice, bce_weight: 0.75, dice_weight: 0.25, pos_weight: [2, 2, 1, 1.5]}.
         cls_loss: label loss config, e.g. {name: bce, pos_weight: null}.
         cls_loss_weight: weight of the label loss in the total (0 = segmentation only).
@@ -74,7 +75,9 @@ class SteelModule(pl.LightningModule):
         encoder_weights: str | None = None,
         in_channels: int = 1,
         dropout: float = 0.2,
+        pooling: Literal["avg", "max"] = "avg",
         arch_kwargs: dict[str, Any] | None = None,
+        mask_prior: float | None = None,
         seg_loss: dict[str, Any] | None = None,
         cls_loss: dict[str, Any] | None = None,
         cls_loss_weight: float = 0.2,
@@ -162,12 +165,12 @@ class SteelModule(pl.LightningModule):
         )
         return loss
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: dict, batch_idx: int, prefix: str = "val") -> None:
         out = self(batch["image"])
         loss, parts = self._losses(out, batch)
         bs = batch["image"].shape[0]
-        self.log("val/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
-        self.log_dict({f"val/{k}": v for k, v in parts.items()}, batch_size=bs, sync_dist=True)
+        self.log(f"{prefix}/loss", loss, prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log_dict({f"{prefix}/{k}": v for k, v in parts.items()}, batch_size=bs, sync_dist=True)
         pred = self.decide(out)
         self.val_dice.update(pred, batch["mask"])
         labels = batch["label"].int()
@@ -191,15 +194,15 @@ class SteelModule(pl.LightningModule):
                 for i in range(min(k, bs))
             ]
 
-    def on_validation_epoch_end(self) -> None:
+    def on_validation_epoch_end(self, prefix: str = "val") -> None:
         mean, per_class = self.val_dice.compute()
-        self.log("val/dice", mean.float(), prog_bar=True, sync_dist=True)
-        self.log_dict({f"val/dice_{c + 1}": v.float() for c, v in enumerate(per_class)}, sync_dist=True)
+        self.log(f"{prefix}/dice", mean.float(), prog_bar=True, sync_dist=True)
+        self.log_dict({f"{prefix}/dice_{c + 1}": v.float() for c, v in enumerate(per_class)}, sync_dist=True)
         auc = self.val_auc.compute()
         pos, n = self.val_pos.compute(), self.val_n.compute()
         valid = (pos > 0) & (pos < n)
         self.log(
-            "val/cls_auc",
+            f"{prefix}/cls_auc",
             auc[valid].mean().float() if valid.any() else auc.new_tensor(float("nan")),
             sync_dist=True,
         )
@@ -210,10 +213,11 @@ class SteelModule(pl.LightningModule):
             self._examples = []
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self.validation_step(batch, batch_idx)
+        """Same as validation (on the validation fold), logged as test/*."""
+        self.validation_step(batch, batch_idx, prefix="test")
 
     def on_test_epoch_end(self) -> None:
-        self.on_validation_epoch_end()
+        self.on_validation_epoch_end(prefix="test")
 
     def predict_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """{"image_id": list[str], "mask": (B, 4, H, W) float probabilities, "label": (B, 4) probabilities}."""

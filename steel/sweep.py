@@ -16,10 +16,10 @@ overrides. The study lives in any Optuna storage (default ``sqlite:///RUN_DIR/sw
 ``journal:///path/file.log`` or ``postgresql+psycopg://...``); ``--workers N`` processes share it.
 
 Trials are proposed by TPE (optuna's Parzen estimators, ``BatchTPE``) a batch at a time and written to the
-study as finished trials, one storage transaction per batch (``TrialWriter``). The ``mean`` objective is a
-sum of per-class terms, so each class gets its own 4-parameter TPE on its own dice (``TrialSearch``).
-Optuna's per-trial ``study.optimize`` spent ~35 ms a trial in the sampler (a pass over every trial) and
-~20 storage writes per trial; 1000 trials now take seconds, not minutes.
+study as finished trials, one storage transaction per batch (``TrialWriter``). The objective is (``mean``)
+or is bounded by (``robust``) the mean of per-class terms, so each class gets its own 4-parameter TPE on
+its own term (``TrialSearch``). Optuna's per-trial ``study.optimize`` spent ~35 ms a trial in the sampler
+(a pass over every trial) plus ~20 storage writes a trial; 1000 trials now take seconds, not minutes.
 """
 
 from __future__ import annotations
@@ -666,7 +666,12 @@ class Objective:
             self.comp_idx.append(ci)
 
     def evaluate(self, values: dict[str, Any]) -> tuple[float, np.ndarray]:
-        """(objective, mean dice of each class (4,)) of a trial's 16 parameter values."""
+        """(objective, each class's own objective term (4,)) of a trial's 16 parameter values.
+
+        A class's term is the objective of that class alone: its mean dice (``mean``; the objective is the
+        mean of the terms) or its fold mean - k * fold std (``robust``; the mean of the terms is a lower bound
+        of the objective, as the std of a sum is at most the sum of the stds).
+        """
         per_class = []
         for c, dims in enumerate(self.cfg["dims"]):
             v = {k: dims[k].index(values[f"{k}_{c + 1}"]) for k in PARAM_KEYS}
@@ -679,7 +684,8 @@ class Objective:
                     self.comp_idx[c][v["min_component"]],
                 )
             )
-        return self.fast.score(per_class, self.kind, self.k), np.array([d.mean() for d in per_class])
+        terms = np.array([self.fast.score([d], self.kind, self.k) for d in per_class])
+        return self.fast.score(per_class, self.kind, self.k), terms
 
     def __call__(self, trial: Any) -> float:
         from optuna.distributions import IntDistribution
@@ -696,10 +702,11 @@ class BatchTPE:
 
     The model is ``optuna.samplers.TPESampler``'s (its ``_ParzenEstimator`` with the sampler's default prior,
     bandwidths and weights): the best gamma(n) = min(ceil(0.1 n), 25) observations make l(x), the others
-    g(x), and a proposal is the draw of largest l(x)/g(x) among ``n_ei`` draws from l(x). Fewer than
-    ``n_startup`` observations: uniform on the grid. Unlike ``TPESampler``, the estimators are fitted once
-    per ``propose(k)`` from observation arrays, not once per trial from every FrozenTrial of the study: that
-    per-trial pass is what made 1000 trials cost ~35 s.
+    g(x), and a proposal is the draw of largest l(x)/g(x) among ``n_ei`` draws from l(x), skipping grid
+    points observed or proposed already while a draw is new. Fewer than ``n_startup`` observations: uniform
+    on the grid. Unlike ``TPESampler``, the estimators are fitted once per ``propose(k)`` from observation
+    arrays, not once per trial from every FrozenTrial of the study: that per-trial pass is what made 1000
+    trials cost ~35 s.
     """
 
     def __init__(self, names: list[str], dims: list[Dim], n_startup: int, n_ei: int, seed: int) -> None:
@@ -712,15 +719,25 @@ class BatchTPE:
         self.rng = np.random.RandomState(seed)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            self._pe_params = optuna.samplers.TPESampler()._parzen_estimator_parameters
+            tpe = optuna.samplers.TPESampler(multivariate=len(self.names) > 1)
+            self._pe_params = tpe._parzen_estimator_parameters
         self._pe = _ParzenEstimator
         self.x = np.zeros((0, len(self.names)))
         self.y = np.zeros(0)
+        self._radix = np.cumprod([1] + [d.n for d in self.dims[:-1]])
+        self._tried: set[int] = set()  # grid points observed, as codes
+
+    def _codes(self, x: np.ndarray) -> np.ndarray:
+        """Grid point (k, d) -> one integer code (k,)."""
+        idx = [np.clip(np.rint((x[:, i] - d.low) / d.step), 0, d.n - 1) for i, d in enumerate(self.dims)]
+        return (np.stack(idx, 1).astype(np.int64) * self._radix).sum(1)
 
     def observe(self, x: np.ndarray, y: np.ndarray) -> None:
         """Add points x (k, d) with values y (k,) (larger is better)."""
-        self.x = np.concatenate([self.x, np.asarray(x, np.float64).reshape(-1, len(self.names))])
+        x = np.asarray(x, np.float64).reshape(-1, len(self.names))
+        self.x = np.concatenate([self.x, x])
         self.y = np.concatenate([self.y, np.asarray(y, np.float64).ravel()])
+        self._tried.update(self._codes(x).tolist())
 
     def propose(self, k: int) -> np.ndarray:
         """k points (k, d) to evaluate next."""
@@ -736,16 +753,26 @@ class BatchTPE:
         )
         cand = l_x.sample(self.rng, k * self.n_ei)
         acq = (l_x.log_pdf(cand) - g_x.log_pdf(cand)).reshape(k, self.n_ei)
-        pick = acq.argmax(1) + np.arange(k) * self.n_ei
-        return np.stack([cand[m][pick] for m in self.names], 1)
+        pts = np.stack([cand[m] for m in self.names], 1)
+        codes = self._codes(pts).reshape(k, self.n_ei)
+        taken = set(self._tried)
+        pick = []
+        for i in range(k):  # the best draw of each group that is new (re-evaluating a point teaches nothing)
+            new = np.array([c not in taken for c in codes[i].tolist()])
+            j = int(np.where(new, acq[i], -np.inf).argmax()) if new.any() else int(acq[i].argmax())
+            taken.add(int(codes[i, j]))
+            pick.append(i * self.n_ei + j)
+        return pts[pick]
 
 
 class TrialSearch:
     """Proposes batches of 16-parameter trials and learns from finished ones (its own and other workers').
 
-    With the ``mean`` objective, which is the mean of per-class terms, each class's parameters are searched by
-    their own TPE on that class's mean dice (``multivariate``: one 4-d TPE per class; else one per parameter);
-    the ``robust`` objective is not separable: one 16-d TPE (or one per parameter) on the objective itself.
+    Each class's parameters are searched by their own TPE on that class's own objective term (see
+    ``Objective.evaluate``; ``multivariate``: one 4-d TPE per class, else one per parameter), and with
+    ``multivariate`` a batch also holds the best parameters seen of every class together when no trial has
+    them yet. The ``mean`` objective is the mean of the class terms, so that trial is at least as good as any
+    so far; for ``robust`` (not separable) it is just one more candidate.
     """
 
     def __init__(self, objective: Objective, cfg: dict[str, Any], seed: int) -> None:
@@ -754,12 +781,9 @@ class TrialSearch:
         dims = {f"{k}_{c}": d[k] for c, d in enumerate(cfg["dims"], 1) for k in PARAM_KEYS}
         self.dims, self.names = dims, list(dims)
         per_class = [[f"{k}_{c}" for k in PARAM_KEYS] for c in range(1, N_CLASSES + 1)]
-        if s["multivariate"]:
-            groups = per_class if cfg["objective"] == "mean" else [self.names]
-        else:
-            groups = [[n] for n in self.names]
-        # the value a group learns from: its class's mean dice (mean objective), else the objective (-1)
-        self.term = [int(g[0].rsplit("_", 1)[1]) - 1 if cfg["objective"] == "mean" else -1 for g in groups]
+        groups = per_class if s["multivariate"] else [[n] for n in self.names]
+        self.term = [int(g[0].rsplit("_", 1)[1]) - 1 for g in groups]  # a group learns its class's term
+        self.composite = bool(s["multivariate"])
         self.groups = [
             BatchTPE(g, [dims[n] for n in g], s["n_startup_trials"], s["n_ei_candidates"], seed + 7 * i)
             for i, g in enumerate(groups)
@@ -770,9 +794,12 @@ class TrialSearch:
         self.best = -math.inf
         self._cache: dict[tuple, tuple[float, np.ndarray]] = {}
 
+    def _key(self, values: dict[str, Any]) -> tuple:
+        return tuple(self.dims[n].index(values[n]) for n in self.names)
+
     def evaluate(self, values: dict[str, Any]) -> tuple[float, np.ndarray]:
-        """(objective, per-class mean dice) of a trial's values, cached by grid point."""
-        key = tuple(self.dims[n].index(values[n]) for n in self.names)
+        """``Objective.evaluate`` of a trial's values, cached by grid point."""
+        key = self._key(values)
         out = self._cache.get(key)
         if out is None:
             out = self._cache[key] = self.objective.evaluate(values)
@@ -783,7 +810,13 @@ class TrialSearch:
         cols: dict[str, np.ndarray] = {}
         for g in self.groups:
             cols.update(zip(g.names, g.propose(k).T))
-        return [{n: d.value(d.index(cols[n][i])) for n, d in self.dims.items()} for i in range(k)]
+        out = [{n: d.value(d.index(cols[n][i])) for n, d in self.dims.items()} for i in range(k)]
+        if self.composite and self.finished:
+            best = dict(kv for g in self.groups for kv in zip(g.names, g.x[g.y.argmax()]))
+            best = {n: d.value(d.index(best[n])) for n, d in self.dims.items()}
+            if self._key(best) not in self._cache:
+                out[0] = best
+        return out
 
     def observe(self, numbers: list[int], values: list[dict[str, Any]], stored: list[float]) -> None:
         """Learn from finished trials ``numbers`` with parameter ``values`` and ``stored`` objective values."""
@@ -796,7 +829,7 @@ class TrialSearch:
         scored = [self.evaluate(v) for _, v, _ in new]  # the groups learn from the current statistics
         for g, term in zip(self.groups, self.term):
             x = np.array([[v[n] for n in g.names] for _, v, _ in new], np.float64)
-            y = np.array([s[0] if term < 0 else s[1][term] for s in scored])
+            y = np.array([s[1][term] for s in scored])
             g.observe(x, y)
 
     def sync(self, study: Any) -> None:

@@ -26,18 +26,33 @@ EXPERIMENTS = REPO / "experiments"
 TINY = EXPERIMENTS / "tiny.yaml"
 
 
-def steel(*args: object, cwd: str | os.PathLike | None = None, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+def steel(
+    *args: object, cwd: str | os.PathLike | None = None, timeout: float = 600, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run the real ``steel`` command line (``python -m steel.cli``) on CPU with W&B offline; text output."""
-    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    full_env = {
+        **os.environ,
+        "WANDB_MODE": "offline",
+        "WANDB_SILENT": "true",
+        "CUDA_VISIBLE_DEVICES": "",
+        **(env or {}),
+    }
     return subprocess.run(
-        [sys.executable, "-m", "steel.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd or REPO, timeout=timeout, env=full_env
+        [sys.executable, "-m", "steel.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd or REPO,
+        timeout=timeout,
+        env=full_env,
     )
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     """Raise with the process output if it failed."""
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(proc.args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(proc.args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
@@ -81,7 +96,21 @@ def wandb_records(path: str | os.PathLike, block: int = 32768) -> Iterator[objec
 def tiny_run(synth_dir: Path, folds_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Run dir of ``steel fit --config experiments/tiny.yaml`` on the synthetic data, fold 0 (W&B offline)."""
     run_dir = tmp_path_factory.mktemp("tiny") / "fold-0"
-    check(steel("fit", "--config", TINY, "--data.data_dir", synth_dir, "--data.folds_csv", folds_csv, "--data.fold", 0, "--run_dir", run_dir))
+    check(
+        steel(
+            "fit",
+            "--config",
+            TINY,
+            "--data.data_dir",
+            synth_dir,
+            "--data.folds_csv",
+            folds_csv,
+            "--data.fold",
+            0,
+            "--run_dir",
+            run_dir,
+        )
+    )
     return run_dir
 
 

@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from steel.augment import AUGMENTS, DefectBlackout, build_train_transform
-from steel.data import BalancedSampler, NegativesSampler, SteelDataModule, SteelDataset, UnrepeatedDistributedSampler
+from steel.data import (
+    BalancedSampler,
+    NegativesSampler,
+    SteelDataModule,
+    SteelDataset,
+    UnrepeatedDistributedSampler,
+)
 from steel.errors import SteelError
 from steel.folds import split
 from steel.labels import masks_of, read_train
@@ -65,8 +71,12 @@ def test_train_resize(synth_dir: Path, folds_csv: Path) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(AUGMENTS))
-def test_named_pipelines_keep_shapes_and_binary_masks(name: str, synth_dir: Path, table: pd.DataFrame, seeded: None) -> None:
-    ds = SteelDataset(synth_dir / "train_images", table, transform=build_train_transform(name, crop=[64, 128]))
+def test_named_pipelines_keep_shapes_and_binary_masks(
+    name: str, synth_dir: Path, table: pd.DataFrame, seeded: None
+) -> None:
+    ds = SteelDataset(
+        synth_dir / "train_images", table, transform=build_train_transform(name, crop=[64, 128])
+    )
     for i in range(6):
         item = ds[i]
         assert item["image"].shape == (1, 64, 128) and item["mask"].shape == (4, 64, 128)
@@ -77,9 +87,15 @@ def test_named_pipelines_keep_shapes_and_binary_masks(name: str, synth_dir: Path
 def test_defect_aware_crop(synth_dir: Path, table: pd.DataFrame, seeded: None) -> None:
     defect = table[table[[f"has_{c}" for c in range(1, 5)]].sum(axis=1) > 0].reset_index(drop=True)
     defect.attrs = table.attrs
-    ds = SteelDataset(synth_dir / "train_images", defect, transform=build_train_transform("none", crop=[32, 64], defect_crop_p=1.0))
+    ds = SteelDataset(
+        synth_dir / "train_images",
+        defect,
+        transform=build_train_transform("none", crop=[32, 64], defect_crop_p=1.0),
+    )
     assert all(ds[i]["mask"].any() for i in range(len(ds)))
-    plain = SteelDataset(synth_dir / "train_images", defect, transform=build_train_transform("none", crop=[32, 64]))
+    plain = SteelDataset(
+        synth_dir / "train_images", defect, transform=build_train_transform("none", crop=[32, 64])
+    )
     # small random crops miss small defects sometimes; the defect-aware crop never does
     assert not all(plain[i]["mask"].any() for i in range(len(plain)) for _ in range(3))
 
@@ -188,7 +204,9 @@ def test_user_mistakes(synth_dir: Path, folds_csv: Path, tmp_path: Path) -> None
     with pytest.raises(SteelError, match="val_size"):
         SteelDataModule(str(synth_dir), str(folds_csv), 0, val_size=[64, 300])
     bad = tmp_path / "folds.csv"
-    pd.read_csv(folds_csv).assign(ImageId=lambda d: d.ImageId.where(d.index != 0, "ghost.jpg")).to_csv(bad, index=False)
+    pd.read_csv(folds_csv).assign(ImageId=lambda d: d.ImageId.where(d.index != 0, "ghost.jpg")).to_csv(
+        bad, index=False
+    )
     with pytest.raises(SteelError, match="ghost.jpg is not in"):
         SteelDataModule(str(synth_dir), str(bad), 0).setup("fit")
     with pytest.raises(SteelError, match="fold 7 outside"):

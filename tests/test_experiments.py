@@ -9,12 +9,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest_training import EXPERIMENTS, check, steel, wandb_records
+from tests.conftest_training import EXPERIMENTS, TINY, check, steel, wandb_records
 
 pytest_plugins = ["tests.conftest_training"]
 
 CONFIGS = sorted(EXPERIMENTS.glob("*.yaml"))
-REQUIRED = {"unet_effb3.yaml", "fpn_effb3.yaml", "twohead_softgate.yaml", "pspnet_seresnet18.yaml", "tiny.yaml"}
+REQUIRED = {
+    "unet_effb3.yaml",
+    "fpn_effb3.yaml",
+    "twohead_softgate.yaml",
+    "pspnet_seresnet18.yaml",
+    "tiny.yaml",
+}
 
 
 def test_required_recipes_exist() -> None:
@@ -70,10 +76,57 @@ def test_tiny_wandb_offline_run(tiny_run: Path) -> None:
             config |= {item.key for item in record.config.update}
         elif kind == "run":
             run = record.run
-    expected = {"train/loss_step", "train/loss_epoch", "train/seg_loss", "train/cls_loss", "val/loss", "val/dice", "val/cls_auc"}
+    expected = {
+        "train/loss_step",
+        "train/loss_epoch",
+        "train/seg_loss",
+        "train/cls_loss",
+        "val/loss",
+        "val/dice",
+        "val/cls_auc",
+    }
     expected |= {f"val/dice_{c}" for c in range(1, 5)}
     assert expected <= history, expected - history
     assert any(k.startswith("val/examples") for k in history)  # overlay images
     assert {"cli", "arch", "encoder", "seg_loss", "fold"} <= config
-    assert run is not None and run.project == "steel" and run.run_group == "tiny" and run.display_name == "fold-0"
+    assert (
+        run is not None
+        and run.project == "steel"
+        and run.run_group == "tiny"
+        and run.display_name == "fold-0"
+    )
     assert run.run_id == json.loads((tiny_run / "metrics.json").read_text())["wandb_run_id"]
+
+
+@pytest.mark.slow
+def test_resume_from_last(tiny_run: Path, synth_dir: Path, folds_csv: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "fold-0"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("wandb"))
+    before = json.loads((run / "progress.json").read_text())
+    args = ["--data.data_dir", synth_dir, "--data.folds_csv", folds_csv, "--run_dir", run, "--trainer.logger", "false"]
+    check(steel("fit", "--config", TINY, *args, "--ckpt_path", run / "last.ckpt", "--trainer.max_epochs", before["max_epochs"] + 3))
+    after = json.loads((run / "progress.json").read_text())
+    assert after["epoch"] == before["max_epochs"] + 2 and after["max_epochs"] == before["max_epochs"] + 3
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["best_val_dice"] >= before["best_val_dice"]  # callback state (best so far) survived the resume
+
+
+@pytest.mark.slow
+def test_average_top_k(synth_dir: Path, folds_csv: Path, tmp_path: Path) -> None:
+    import torch
+
+    run = tmp_path / "fold-1"
+    args = ["--data.data_dir", synth_dir, "--data.folds_csv", folds_csv, "--data.fold", 1, "--run_dir", run, "--trainer.logger", "false"]
+    check(steel("fit", "--config", TINY, *args, "--trainer.max_epochs", 6, "--trainer.check_val_every_n_epoch", 1, "--average_top_k", 3, "--average_into_best", "true"))
+    top = sorted((run / "topk").glob("*.ckpt"))
+    assert len(top) == 3 and (run / "swa.ckpt").is_file()
+    states = [torch.load(p, map_location="cpu", weights_only=False)["state_dict"] for p in top]
+    swa = torch.load(run / "swa.ckpt", map_location="cpu", weights_only=False)
+    key = "net.net.segmentation_head.0.weight"
+    torch.testing.assert_close(swa["state_dict"][key], torch.stack([s[key] for s in states]).mean(0))
+    assert swa["hyper_parameters"]["encoder"] == "tu-test_resnet.r160_in1k"  # a full checkpoint: load_model works
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["swa_members"] == 3 and metrics["best_source"] in ("swa", "epoch")
+    assert metrics["best_val_dice"] >= metrics["swa_val_dice"] - 1e-9

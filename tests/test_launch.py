@@ -20,7 +20,7 @@ from steel.oof import OOFStore
 from tests.conftest import run_steel
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--trainer.max_epochs", "2", "--trainer.logger", "CSVLogger", "--data.batch_size", "8", "--trainer.log_every_n_steps", "1"]
+FAST = ["--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1", "--trainer.logger", "CSVLogger", "--data.batch_size", "8", "--trainer.log_every_n_steps", "1"]
 
 
 def test_parse_folds_and_gpus():

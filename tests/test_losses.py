@@ -86,7 +86,9 @@ def test_lovasz_by_hand() -> None:
     target = torch.tensor([1.0, 0.0]).view(1, 1, 1, 2)
     assert build_seg_loss("lovasz")(logits, target)[0].item() == pytest.approx(1.0, abs=1e-6)
     # separated by a margin of 1 -> 0
-    assert build_seg_loss("lovasz")(torch.tensor([1.0, -1.0]).view(1, 1, 1, 2), target)[0].item() == pytest.approx(0.0, abs=1e-6)
+    assert build_seg_loss("lovasz")(torch.tensor([1.0, -1.0]).view(1, 1, 1, 2), target)[
+        0
+    ].item() == pytest.approx(0.0, abs=1e-6)
     # per (image, class) mean: second class all-negative at logit -2 (errors -1, -1 -> relu 0) -> (1 + 0) / 2
     logits2 = torch.stack([logits[0, 0], torch.full((1, 2), -2.0)])[None]
     target2 = torch.stack([target[0, 0], torch.zeros(1, 2)])[None]
@@ -97,9 +99,9 @@ def test_cls_loss_by_hand() -> None:
     loss = build_cls_loss({"name": "bce", "pos_weight": [2, 1, 1, 1]})
     value = loss(torch.zeros(2, 4), torch.ones(2, 4))
     assert value.item() == pytest.approx(LN2 * (2 + 1 + 1 + 1) / 4, abs=1e-6)
-    assert build_cls_loss()(torch.tensor([[3.0, -3.0, 0, 0]]), torch.tensor([[1.0, 0, 1, 0]])).item() == pytest.approx(
-        (softplus(-3) + softplus(-3) + LN2 + LN2) / 4, abs=1e-6
-    )
+    assert build_cls_loss()(
+        torch.tensor([[3.0, -3.0, 0, 0]]), torch.tensor([[1.0, 0, 1, 0]])
+    ).item() == pytest.approx((softplus(-3) + softplus(-3) + LN2 + LN2) / 4, abs=1e-6)
 
 
 def test_every_registered_loss_backpropagates() -> None:

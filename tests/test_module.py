@@ -43,7 +43,15 @@ def test_lr_lambda_by_hand() -> None:
     assert _cosine_lambda(80, total=110, warmup=10, min_ratio=0.0, cosine=False) == 1.0
 
 
-@pytest.mark.parametrize("optimizer, cls", [("sgd", torch.optim.SGD), ("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW), ("radam", torch.optim.RAdam)])
+@pytest.mark.parametrize(
+    "optimizer, cls",
+    [
+        ("sgd", torch.optim.SGD),
+        ("adam", torch.optim.Adam),
+        ("adamw", torch.optim.AdamW),
+        ("radam", torch.optim.RAdam),
+    ],
+)
 def test_optimizers(optimizer: str, cls: type) -> None:
     m = SteelModule(**SMALL, optimizer=optimizer, scheduler="none", lr=0.02, weight_decay=0.001)
     opt = m.configure_optimizers()
@@ -51,7 +59,9 @@ def test_optimizers(optimizer: str, cls: type) -> None:
 
 
 def test_schedulers() -> None:
-    m = SteelModule(**SMALL, optimizer="sgd", scheduler="warmup_cosine", lr=1.0, warmup_epochs=1, min_lr_ratio=0.0)
+    m = SteelModule(
+        **SMALL, optimizer="sgd", scheduler="warmup_cosine", lr=1.0, warmup_epochs=1, min_lr_ratio=0.0
+    )
     m._trainer = SimpleNamespace(estimated_stepping_batches=100, max_epochs=10)  # 10 steps an epoch
     conf = m.configure_optimizers()
     sched = conf["lr_scheduler"]["scheduler"]
@@ -79,7 +89,12 @@ def test_average_checkpoints(tmp_path: Path) -> None:
     for i in range(3):
         for p in m.parameters():
             p.data.fill_(float(i))
-        states.append({"state_dict": {k: v.clone() for k, v in m.state_dict().items()}, "hyper_parameters": dict(m.hparams)})
+        states.append(
+            {
+                "state_dict": {k: v.clone() for k, v in m.state_dict().items()},
+                "hyper_parameters": dict(m.hparams),
+            }
+        )
         torch.save(states[-1], tmp_path / f"{i}.ckpt")
     out = average_checkpoints([tmp_path / f"{i}.ckpt" for i in range(3)], tmp_path / "swa.ckpt")
     avg = torch.load(out, weights_only=False)["state_dict"]
@@ -112,7 +127,19 @@ def test_load_model_from_run(tiny_run: Path) -> None:
 def test_fit_user_error_is_one_line(synth_dir: Path, tmp_path: Path) -> None:
     from tests.conftest_training import TINY, steel
 
-    proc = steel("fit", "--config", TINY, "--data.data_dir", synth_dir, "--data.folds_csv", tmp_path / "missing.csv", "--run_dir", tmp_path / "run", "--trainer.logger", "false")
+    proc = steel(
+        "fit",
+        "--config",
+        TINY,
+        "--data.data_dir",
+        synth_dir,
+        "--data.folds_csv",
+        tmp_path / "missing.csv",
+        "--run_dir",
+        tmp_path / "run",
+        "--trainer.logger",
+        "false",
+    )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "steel fit: error:" in proc.stderr and "missing.csv: folds file not found" in proc.stderr
     assert "Traceback" not in proc.stderr

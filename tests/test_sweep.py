@@ -214,7 +214,8 @@ def test_cli_sweep_two_workers_sqlite_and_journal(run_dir, tmp_path, monkeypatch
     monkeypatch.setenv("WANDB_MODE", "disabled")
     cfg = tmp_path / "soft.yaml"
     cfg.write_text("mode: soft\nobjective: robust\nrobust_k: 0.5\nsampler: {n_startup_trials: 5}\n")
-    run_steel("sweep", run_dir, "--config", cfg, "--trials", 14, "--workers", 2)
+    proc = run_steel("sweep", run_dir, "--config", cfg, "--trials", 14, "--workers", 2)
+    assert "warning" not in proc.stderr  # the batched insert worked (no fall-back to one trial at a time)
     url = f"sqlite:///{run_dir.resolve() / 'sweep.db'}"
     trials = study_trials(url, "thresholds-soft")
     assert len(trials) == 14 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)

@@ -54,7 +54,7 @@ def test_two_workers_share_a_postgres_study(postgres_url, tmp_path, monkeypatch)
     monkeypatch.setenv("WANDB_MODE", "disabled")
     write_synthetic_oof(tmp_path / "run" / "oof", 40, height=64, width=320, stride=2, n_folds=2, seed=9)
     name = f"pg-{uuid.uuid4().hex[:12]}"
-    run_steel(
+    proc = run_steel(
         "sweep",
         tmp_path / "run",
         "--storage",
@@ -66,6 +66,7 @@ def test_two_workers_share_a_postgres_study(postgres_url, tmp_path, monkeypatch)
         "--workers",
         2,
     )
+    assert "warning" not in proc.stderr  # the batched insert worked (no fall-back to one trial at a time)
     from steel.cli import main  # a second invocation adds to the same study
 
     assert (
