@@ -66,7 +66,9 @@ def main() -> None:
     print(f"{n} images of {h}x{w}, 4 classes, stride {a.stride}, batch {a.batch}")
     print(f"OOFWriter: {n / dt:8.1f} images/s ({dt:.1f} s), store {size_mb:,.0f} MiB on disk")
     print(f"baseline np.save of raw float32 batches: {base:8.1f} images/s -> ratio {n / dt / base:.2f}x")
-    print(f"peak RSS: {rss1:,.0f} MiB (before writing {rss0:,.0f} MiB; the store is {size_mb / max(rss1, 1):.1f}x that)")
+    print(
+        f"peak RSS: {rss1:,.0f} MiB (before writing {rss0:,.0f} MiB; the store is {size_mb / max(rss1, 1):.1f}x that)"
+    )
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -1,6 +1,6 @@
 """RLE encode+decode throughput (masks/s) of steel.rle against a straightforward loop implementation.
 
-    python benchmarks/bench_rle.py [--n 200] [--height 256] [--width 1600]
+python benchmarks/bench_rle.py [--n 200] [--height 256] [--width 1600]
 """
 
 from __future__ import annotations
@@ -65,10 +65,14 @@ def main() -> None:
             _, m = make_image(rng, cls, *shape)
             masks.append(m[cls[0] - 1])
     for m in masks[:10]:
-        assert loop_encode(m) == rle.encode(m) and np.array_equal(loop_decode(rle.encode(m), shape), rle.decode(rle.encode(m), shape))
+        assert loop_encode(m) == rle.encode(m) and np.array_equal(
+            loop_decode(rle.encode(m), shape), rle.decode(rle.encode(m), shape)
+        )
     fast = rate((rle.encode, rle.decode), masks, shape, repeat=5)
     slow = rate((loop_encode, loop_decode), masks[: max(5, a.n // 10)], shape, repeat=3)
-    print(f"masks {a.n} x {shape[0]}x{shape[1]} (synthetic defects, mean area {np.mean([m.sum() for m in masks]):.0f} px)")
+    print(
+        f"masks {a.n} x {shape[0]}x{shape[1]} (synthetic defects, mean area {np.mean([m.sum() for m in masks]):.0f} px)"
+    )
     print(f"steel.rle encode+decode: {fast:10.1f} masks/s")
     print(f"python loop baseline:    {slow:10.1f} masks/s")
     print(f"ratio: {fast / slow:.0f}x (goal >= 50x)")

@@ -32,11 +32,15 @@ LIGHTNING = {"fit", "validate", "test", "predict"}
 def _is_lightning(argv: list[str]) -> bool:
     if argv[0] in ("fit", "validate", "test"):
         return True
-    return argv[0] == "predict" and any(a in ("-c", "--print_config") or a.startswith(("--config", "--print_config")) for a in argv[1:])
+    return argv[0] == "predict" and any(
+        a in ("-c", "--print_config") or a.startswith(("--config", "--print_config")) for a in argv[1:]
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="steel", description="Severstal steel defect segmentation experiment suite")
+    p = argparse.ArgumentParser(
+        prog="steel", description="Severstal steel defect segmentation experiment suite"
+    )
     p.add_argument("--version", action="version", version=f"steel {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_) in COMMANDS.items():

@@ -47,7 +47,10 @@ def _score(sub: Path, data: Path) -> dict[str, float]:
 
     per_pair = score_submission(sub, data / "test_truth.csv", data / "test_images")
     per_class = per_pair[[f"dice_{c}" for c in range(1, N_CLASSES + 1)]].mean()
-    return {"mean": float(per_class.mean()), **{f"dice_{c}": float(per_class[f"dice_{c}"]) for c in range(1, N_CLASSES + 1)}}
+    return {
+        "mean": float(per_class.mean()),
+        **{f"dice_{c}": float(per_class[f"dice_{c}"]) for c in range(1, N_CLASSES + 1)},
+    }
 
 
 def _empty_submission(data: Path, out: Path) -> Path:
@@ -111,7 +114,10 @@ def report_png(out: Path, table: pd.DataFrame, data: Path, sub: Path, curves: Pa
             panels.append(canvas)
         a = fig.add_subplot(rows, 1, 2 + j)
         a.imshow(np.concatenate([panels[0], np.full((4, w, 3), 255, np.uint8), panels[1]]))
-        a.set_title(f"{image_id}: prediction (top) / truth (bottom); class colours red, green, blue, orange", fontsize=9)
+        a.set_title(
+            f"{image_id}: prediction (top) / truth (bottom); class colours red, green, blue, orange",
+            fontsize=9,
+        )
         a.axis("off")
     if curves and curves.is_file():
         a = fig.add_subplot(rows, 1, (rows - 1, rows))
@@ -134,11 +140,26 @@ def demo(out: str | os.PathLike = "demo-out", n_train: int = 200, n_test: int = 
     wanted = {"n_train": n_train, "n_test": n_test, "height": height, "width": width, "folds": folds}
     stamp = out / "demo.json"
     if stamp.is_file() and read_json(stamp).get("data") != wanted:
-        raise SteelError(f"{out} holds a demo made with other settings {read_json(stamp).get('data')}; use another --out")
+        raise SteelError(
+            f"{out} holds a demo made with other settings {read_json(stamp).get('data')}; use another --out"
+        )
 
     _step(f"1/8 synthetic data: {n_train} train + {n_test} test images of {height}x{width} -> {data}")
     if not (data / "sample_submission.csv").is_file():
-        _cli("synth", data, "--n-train", n_train, "--n-test", n_test, "--height", height, "--width", width, "--seed", 0)
+        _cli(
+            "synth",
+            data,
+            "--n-train",
+            n_train,
+            "--n-test",
+            n_test,
+            "--height",
+            height,
+            "--width",
+            width,
+            "--seed",
+            0,
+        )
     else:
         print("already there")
     write_json(stamp, {"data": wanted})
@@ -180,22 +201,39 @@ def demo(out: str | os.PathLike = "demo-out", n_train: int = 200, n_test: int = 
         "tuned single run": out / "submission_single.csv",
         "tuned blend": out / "submission.csv",
     }
-    _cli("predict", _default_dir(blend_dir, out / "blend-default"), "--images", data / "test_images", "--out", subs["default thresholds (blend)"])
+    _cli(
+        "predict",
+        _default_dir(blend_dir, out / "blend-default"),
+        "--images",
+        data / "test_images",
+        "--out",
+        subs["default thresholds (blend)"],
+    )
     _cli("predict", single_pt, "--images", data / "test_images", "--out", subs["tuned single run"])
     _cli("predict", blend_pt, "--images", data / "test_images", "--out", subs["tuned blend"])
 
     _step("8/8 score against the synthetic test truth")
     table = pd.DataFrame({name: _score(sub, data) for name, sub in subs.items()}).T
-    oof = {"tuned single run": read_json(run / "thresholds.json"), "tuned blend": read_json(blend_dir / "thresholds.json")}
+    oof = {
+        "tuned single run": read_json(run / "thresholds.json"),
+        "tuned blend": read_json(blend_dir / "thresholds.json"),
+    }
     table["oof_mean"] = [oof[n]["oof_dice"]["mean"] if n in oof else np.nan for n in table.index]
     curves = next(iter(sorted(blend_dir.glob("*.png"))), None)
     png = report_png(out, table, data, subs["tuned blend"], curves)
-    write_json(out / "results.json", {"table": table.reset_index(names="row").to_dict("records"), "seconds": time.time() - t0})
+    write_json(
+        out / "results.json",
+        {"table": table.reset_index(names="row").to_dict("records"), "seconds": time.time() - t0},
+    )
 
     print("\nmean Dice on the synthetic test images (per class), OOF mean of the tuned thresholds")
     print(table.to_string(float_format=lambda v: f"{v:.4f}"))
     wandb_dirs = sorted({str(p.parent) for p in run.glob("fold-*/wandb")})
-    print(f"\nW&B offline runs:  {run}/fold-*/wandb (sync: wandb sync {run}/fold-0/wandb/offline-run-*)" if wandb_dirs else "")
+    print(
+        f"\nW&B offline runs:  {run}/fold-*/wandb (sync: wandb sync {run}/fold-0/wandb/offline-run-*)"
+        if wandb_dirs
+        else ""
+    )
     print(f"thresholds:        {run / 'thresholds.json'}, {blend_dir / 'thresholds.json'}")
     print(f"exported ensemble: {blend_pt}")
     print(f"submission:        {subs['tuned blend']}")
@@ -211,7 +249,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--folds", type=int, default=10)
     p.add_argument("--trials", type=int, default=300, help="Optuna trials per sweep")
     p.add_argument("--parallel", type=int, default=2, help="folds trained at once")
-    p.add_argument("--epochs", type=int, default=12, help="max_epochs of every fold (the recipe has 60 for its 60-image test set)")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=12,
+        help="max_epochs of every fold (the recipe has 60 for its 60-image test set)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -84,5 +84,8 @@ def main(args: argparse.Namespace) -> int:
     write_folds(folds, out, "steel " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     counts = folds.groupby("fold")[HAS].sum()
     print(f"wrote {len(folds)} images in {args.n_folds} folds to {out}")
-    print("per-fold defect counts (min-max): " + ", ".join(f"class {c}: {counts[f'has_{c}'].min()}-{counts[f'has_{c}'].max()}" for c in CLASSES))
+    print(
+        "per-fold defect counts (min-max): "
+        + ", ".join(f"class {c}: {counts[f'has_{c}'].min()}-{counts[f'has_{c}'].max()}" for c in CLASSES)
+    )
     return 0

@@ -61,17 +61,23 @@ def _long_format(df: pd.DataFrame, path: Path) -> pd.DataFrame:
     else:
         for col in ("ImageId", "ClassId", "EncodedPixels"):
             if col not in df.columns:
-                raise SteelError(f"{path}: missing column '{col}' (expected ImageId,ClassId,EncodedPixels or ImageId_ClassId,EncodedPixels)")
+                raise SteelError(
+                    f"{path}: missing column '{col}' (expected ImageId,ClassId,EncodedPixels or ImageId_ClassId,EncodedPixels)"
+                )
     cls = pd.to_numeric(df["ClassId"], errors="coerce")
     bad = cls.isna() | ~cls.isin(CLASSES)
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
-        raise SteelError(f"{path}: line {df['line'].iloc[i]}: class {df['ClassId'].iloc[i]!r} outside 1..{N_CLASSES}")
+        raise SteelError(
+            f"{path}: line {df['line'].iloc[i]}: class {df['ClassId'].iloc[i]!r} outside 1..{N_CLASSES}"
+        )
     df["ClassId"] = cls.astype(int)
     dup = df.duplicated(["ImageId", "ClassId"], keep="first")
     if dup.any():
         i = int(np.flatnonzero(dup.to_numpy())[0])
-        raise SteelError(f"{path}: line {df['line'].iloc[i]}: duplicate row for image {df['ImageId'].iloc[i]} class {df['ClassId'].iloc[i]}")
+        raise SteelError(
+            f"{path}: line {df['line'].iloc[i]}: duplicate row for image {df['ImageId'].iloc[i]} class {df['ClassId'].iloc[i]}"
+        )
     return df[["ImageId", "ClassId", "EncodedPixels", "line"]]
 
 
@@ -98,7 +104,9 @@ def build_table(
     unknown = ~df["ImageId"].isin(known)
     if unknown.any():
         i = int(np.flatnonzero(unknown.to_numpy())[0])
-        raise SteelError(f"{path}: line {df['line'].iloc[i]}: image {df['ImageId'].iloc[i]} has no file in {images_dir}")
+        raise SteelError(
+            f"{path}: line {df['line'].iloc[i]}: image {df['ImageId'].iloc[i]} has no file in {images_dir}"
+        )
     table = pd.DataFrame({"ImageId": names})
     pos = pd.Series(np.arange(len(names)), index=names)
     for c in CLASSES:
@@ -108,13 +116,20 @@ def build_table(
         try:
             a = rle.area(row.EncodedPixels, shape)
         except ValueError as e:
-            raise SteelError(f"{path}: line {row.line}: RLE of {row.ImageId} class {row.ClassId} malformed: {e}") from None
+            raise SteelError(
+                f"{path}: line {row.line}: RLE of {row.ImageId} class {row.ClassId} malformed: {e}"
+            ) from None
         i = pos[row.ImageId]
         table.iat[i, table.columns.get_loc(f"rle_{row.ClassId}")] = row.EncodedPixels.strip()
         table.iat[i, table.columns.get_loc(f"area_{row.ClassId}")] = a
     for c in CLASSES:
         table[f"has_{c}"] = (table[f"area_{c}"] > 0).astype(int)
-    cols = ["ImageId"] + [f"rle_{c}" for c in CLASSES] + [f"has_{c}" for c in CLASSES] + [f"area_{c}" for c in CLASSES]
+    cols = (
+        ["ImageId"]
+        + [f"rle_{c}" for c in CLASSES]
+        + [f"has_{c}" for c in CLASSES]
+        + [f"area_{c}" for c in CLASSES]
+    )
     table = table[cols]
     table.attrs["shape"] = shape
     return table

@@ -95,7 +95,9 @@ class Fold:
         return {}
 
 
-def fold_command(config: str, k: int, run_dir: Path, overrides: list[str], devices: int, accelerator: str) -> list[str]:
+def fold_command(
+    config: str, k: int, run_dir: Path, overrides: list[str], devices: int, accelerator: str
+) -> list[str]:
     """The ``steel fit`` command line of fold k (resuming from last.ckpt when there is one)."""
     fold_dir = run_dir / f"fold-{k}"
     cmd = [sys.executable, "-m", "steel.cli", "fit", "--config", str(config), *overrides,
@@ -132,7 +134,9 @@ class LocalLauncher:
         if gpus:
             if gpus_per_fold < 1 or len(gpus) < gpus_per_fold:
                 raise SteelError(f"--gpus-per-fold {gpus_per_fold} does not fit in --gpus {','.join(gpus)}")
-            self.slots = [gpus[i : i + gpus_per_fold] for i in range(0, len(gpus) - gpus_per_fold + 1, gpus_per_fold)]
+            self.slots = [
+                gpus[i : i + gpus_per_fold] for i in range(0, len(gpus) - gpus_per_fold + 1, gpus_per_fold)
+            ]
             self.devices, self.accelerator = gpus_per_fold, "gpu"
         else:
             self.slots = [[] for _ in range(max(1, parallel))]
@@ -150,7 +154,9 @@ class LocalLauncher:
         log = open(f.dir / "train.log", "a")  # noqa: SIM115 - closed when the process ends
         log.write(f"\n# attempt {f.attempts + 1}: {shlex.join(cmd)}\n")
         log.flush()
-        f.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+        f.proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
+        )
         f.proc.log = log  # type: ignore[attr-defined]
         f.slot, f.state, f.started = slot, "running", time.time()
         f.attempts += 1
@@ -166,22 +172,32 @@ class LocalLauncher:
         metrics = f.dir / "metrics.json"
         if rc == 0 and metrics.is_file():
             f.info = read_json(metrics)
-            write_json(f.dir / "done.json", {"fold": f.k, "attempts": f.attempts, "finished": time.time(), **f.info})
+            write_json(
+                f.dir / "done.json", {"fold": f.k, "attempts": f.attempts, "finished": time.time(), **f.info}
+            )
             f.state = "done"
             print(f"fold {f.k}: done, best val/dice {_fmt(f.info.get('best_val_dice'))}", flush=True)
         elif f.attempts <= self.retries:
             f.state = "queued"
-            print(f"fold {f.k}: exited {rc}; retry {f.attempts}/{self.retries} (see {f.dir / 'train.log'})", flush=True)
+            print(
+                f"fold {f.k}: exited {rc}; retry {f.attempts}/{self.retries} (see {f.dir / 'train.log'})",
+                flush=True,
+            )
         else:
             f.state = "failed"
-            print(f"fold {f.k}: FAILED (exit {rc}) after {f.attempts} attempt(s); see {f.dir / 'train.log'}", flush=True)
+            print(
+                f"fold {f.k}: FAILED (exit {rc}) after {f.attempts} attempt(s); see {f.dir / 'train.log'}",
+                flush=True,
+            )
 
     def table(self) -> str:
         rows = ["fold  state    epoch  val/dice  best"]
         for f in self.folds:
             p = f.info or f.progress()
             ep = p.get("epoch", p.get("best_epoch", ""))
-            rows.append(f"{f.k:>4}  {f.state:<8} {ep!s:>5}  {_fmt(p.get('val_dice')):>8}  {_fmt(p.get('best_val_dice'))}")
+            rows.append(
+                f"{f.k:>4}  {f.state:<8} {ep!s:>5}  {_fmt(p.get('val_dice')):>8}  {_fmt(p.get('best_val_dice'))}"
+            )
         return "\n".join(rows)
 
     def stop(self) -> None:
@@ -227,12 +243,16 @@ def prepare_run_dir(run_dir: Path, config: str, folds_csv: str | None, overrides
     target = run_dir / "folds.csv"
     if folds_csv is None:
         if not target.is_file():
-            raise SteelError("no folds CSV: pass --folds-csv, set data.folds_csv in the config, or run `steel folds` first")
+            raise SteelError(
+                "no folds CSV: pass --folds-csv, set data.folds_csv in the config, or run `steel folds` first"
+            )
         return load_folds(target)
     src = load_folds(folds_csv)
     if target.is_file():
         if not load_folds(target).equals(src):
-            raise SteelError(f"{target} differs from {folds_csv}: this run dir was made with another split; use a new --run-dir")
+            raise SteelError(
+                f"{target} differs from {folds_csv}: this run dir was made with another split; use a new --run-dir"
+            )
     else:
         shutil.copyfile(folds_csv, run_dir / ".folds.csv.tmp")
         os.replace(run_dir / ".folds.csv.tmp", target)
@@ -246,10 +266,15 @@ def prepare_run_dir(run_dir: Path, config: str, folds_csv: str | None, overrides
 def summarise(run_dir: Path, folds: list[Fold], experiment: str) -> dict[str, Any]:
     """CV mean/std of best val/dice over done folds -> summary.json (+ a W&B group-level run)."""
     done = [f for f in folds if f.state in ("done", "skipped")]
-    scores = np.array([v if isinstance(v := f.info.get("best_val_dice"), int | float) else np.nan for f in done], float)
+    scores = np.array(
+        [v if isinstance(v := f.info.get("best_val_dice"), int | float) else np.nan for f in done], float
+    )
     summary = {
         "experiment": experiment,
-        "folds": {str(f.k): {"state": f.state, "best_val_dice": f.info.get("best_val_dice"), "attempts": f.attempts} for f in folds},
+        "folds": {
+            str(f.k): {"state": f.state, "best_val_dice": f.info.get("best_val_dice"), "attempts": f.attempts}
+            for f in folds
+        },
         "cv_mean": float(np.nanmean(scores)) if len(scores) else None,
         "cv_std": float(np.nanstd(scores)) if len(scores) else None,
         "failed": [f.k for f in folds if f.state == "failed"],
@@ -270,7 +295,9 @@ def summarise(run_dir: Path, folds: list[Fold], experiment: str) -> dict[str, An
     return summary
 
 
-def slurm_jobs(folds: list[Fold], config: str, run_dir: Path, overrides: list[str], gpus_per_fold: int) -> list[list[str]]:
+def slurm_jobs(
+    folds: list[Fold], config: str, run_dir: Path, overrides: list[str], gpus_per_fold: int
+) -> list[list[str]]:
     """Per-fold commands of a SLURM array (Lightning picks up the SLURM env for multi-node DDP)."""
     accelerator = "gpu" if gpus_per_fold else "cpu"
     return [fold_command(config, f.k, run_dir, overrides, max(1, gpus_per_fold), accelerator) for f in folds]
@@ -298,7 +325,9 @@ def submit_slurm(args: argparse.Namespace, folds: list[Fold], run_dir: Path, ove
                                  array_parallelism=args.array_parallelism, **params)  # fmt: skip
     write_text(folder / "array.sbatch", sbatch)
     if args.dry_run:
-        print(f"launch: dry run; array of {len(todo)} fold(s) written to {folder / 'array.sbatch'} and {folder / 'commands.txt'}")
+        print(
+            f"launch: dry run; array of {len(todo)} fold(s) written to {folder / 'array.sbatch'} and {folder / 'commands.txt'}"
+        )
         return 0
     executor = submitit.AutoExecutor(folder=str(folder), cluster=args.cluster)
     executor.update_parameters(slurm_partition=args.partition, timeout_min=args.time, nodes=args.nodes,
@@ -312,14 +341,20 @@ def submit_slurm(args: argparse.Namespace, folds: list[Fold], run_dir: Path, ove
     for f, j in zip(todo, jobs):
         print(f"fold {f.k}: submitted as job {j.job_id}")
     write_json(folder / "jobs.json", {str(f.k): j.job_id for f, j in zip(todo, jobs)})
-    print("launch: when the array has finished, run the same command again: it marks the finished folds done and builds the OOF store")
+    print(
+        "launch: when the array has finished, run the same command again: it marks the finished folds done and builds the OOF store"
+    )
     return 0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="experiment YAML (experiments/NAME.yaml)")
-    p.add_argument("--folds", default=None, help="folds to run, e.g. 0-9 or 0,3,5 (default: all of the split)")
-    p.add_argument("--folds-csv", default=None, help="fold assignment CSV (default: data.folds_csv of the config)")
+    p.add_argument(
+        "--folds", default=None, help="folds to run, e.g. 0-9 or 0,3,5 (default: all of the split)"
+    )
+    p.add_argument(
+        "--folds-csv", default=None, help="fold assignment CSV (default: data.folds_csv of the config)"
+    )
     p.add_argument("--data-dir", default=None, help="data directory (default: data.data_dir of the config)")
     p.add_argument("--run-dir", default=None, help="run directory (default runs/<config name>)")
     p.add_argument("--gpus", default=None, help="GPU ids to use, e.g. 0,1,2,3 (default: CPU)")
@@ -328,7 +363,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retries", type=int, default=1, help="restarts of a failed fold")
     p.add_argument("--executor", choices=["local", "slurm"], default="local")
     p.add_argument("--no-oof", action="store_true", help="do not build the OOF store when every fold is done")
-    p.add_argument("--oof-stride", type=int, default=None, help="stride of the OOF store (default: steel oof's)")
+    p.add_argument(
+        "--oof-stride", type=int, default=None, help="stride of the OOF store (default: steel oof's)"
+    )
     g = p.add_argument_group("slurm")
     g.add_argument("--partition", default=None)
     g.add_argument("--time", type=int, default=24 * 60, help="minutes per fold")
@@ -336,9 +373,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpus-per-task", type=int, default=8)
     g.add_argument("--mem", default=None, help="e.g. 64G")
     g.add_argument("--array-parallelism", type=int, default=10)
-    g.add_argument("--cluster", default=None, help="submitit cluster: slurm (default when sbatch exists), local, debug")
-    g.add_argument("--dry-run", action="store_true", help="write the sbatch array script and commands, submit nothing")
-    p.add_argument("overrides", nargs=argparse.REMAINDER, help="-- then LightningCLI overrides for every fold")
+    g.add_argument(
+        "--cluster", default=None, help="submitit cluster: slurm (default when sbatch exists), local, debug"
+    )
+    g.add_argument(
+        "--dry-run", action="store_true", help="write the sbatch array script and commands, submit nothing"
+    )
+    p.add_argument(
+        "overrides", nargs=argparse.REMAINDER, help="-- then LightningCLI overrides for every fold"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -350,7 +393,11 @@ def main(args: argparse.Namespace) -> int:
         raise SteelError("no data dir: pass --data-dir or set data.data_dir in the config")
     if not Path(data_dir, "train_images").is_dir():
         raise SteelError(f"{data_dir}: no train_images/ (make data with `steel synth` or download Kaggle's)")
-    overrides = [*overrides, "--data.data_dir", str(data_dir)] if _override(overrides, "data.data_dir") is None else overrides
+    overrides = (
+        [*overrides, "--data.data_dir", str(data_dir)]
+        if _override(overrides, "data.data_dir") is None
+        else overrides
+    )
     folds_csv = args.folds_csv or _override(overrides, "data.folds_csv") or data_cfg.get("folds_csv")
     overrides = _drop(overrides, "data.folds_csv")
     run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
@@ -358,9 +405,16 @@ def main(args: argparse.Namespace) -> int:
     n_folds = int(split["fold"].max()) + 1
     folds = [Fold(k, run_dir / f"fold-{k}") for k in parse_folds(args.folds, n_folds)]
     for f in folds:
-        if not (f.dir / "done.json").is_file() and (f.dir / "metrics.json").is_file() and (f.dir / "best.ckpt").is_file():
+        if (
+            not (f.dir / "done.json").is_file()
+            and (f.dir / "metrics.json").is_file()
+            and (f.dir / "best.ckpt").is_file()
+        ):
             # finished outside this launcher (a SLURM task, a manual `steel fit`): metrics.json is written at fit end
-            write_json(f.dir / "done.json", {"fold": f.k, "attempts": 0, "finished": time.time(), **read_json(f.dir / "metrics.json")})
+            write_json(
+                f.dir / "done.json",
+                {"fold": f.k, "attempts": 0, "finished": time.time(), **read_json(f.dir / "metrics.json")},
+            )
         if (f.dir / "done.json").is_file():
             f.state, f.info = "skipped", read_json(f.dir / "done.json")
             print(f"fold {f.k}: already done (best val/dice {_fmt(f.info.get('best_val_dice'))}), skipped")
@@ -372,14 +426,19 @@ def main(args: argparse.Namespace) -> int:
     try:
         launcher.run()
     except KeyboardInterrupt:
-        print("launch: interrupted; fold processes stopped. Run the same command again to resume.", file=sys.stderr)
+        print(
+            "launch: interrupted; fold processes stopped. Run the same command again to resume.",
+            file=sys.stderr,
+        )
         return 130
     finally:
         signal.signal(signal.SIGTERM, old)
     print(launcher.table())
     summary = summarise(run_dir, folds, Path(args.config).stem)
     if summary["cv_mean"] is not None:
-        print(f"CV best val/dice: {summary['cv_mean']:.4f} +- {summary['cv_std']:.4f} over {len(folds) - len(summary['failed'])} fold(s)")
+        print(
+            f"CV best val/dice: {summary['cv_mean']:.4f} +- {summary['cv_std']:.4f} over {len(folds) - len(summary['failed'])} fold(s)"
+        )
     if summary["failed"]:
         print(f"launch: fold(s) {summary['failed']} failed", file=sys.stderr)
         return 1

@@ -43,7 +43,9 @@ def _torchmetrics_dice():
 
         def __init__(self, n_classes: int = N_CLASSES, **kwargs) -> None:
             super().__init__(**kwargs)
-            self.add_state("dice_sum", default=torch.zeros(n_classes, dtype=torch.float64), dist_reduce_fx="sum")
+            self.add_state(
+                "dice_sum", default=torch.zeros(n_classes, dtype=torch.float64), dist_reduce_fx="sum"
+            )
             self.add_state("count", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
         def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
@@ -70,7 +72,9 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-def score_submission(submission: str | os.PathLike, truth_csv: str | os.PathLike, images_dir: str | os.PathLike) -> pd.DataFrame:
+def score_submission(
+    submission: str | os.PathLike, truth_csv: str | os.PathLike, images_dir: str | os.PathLike
+) -> pd.DataFrame:
     """Dice per (image, class) of a submission against a train.csv-layout truth, over the images of a dir.
 
     Returns a DataFrame ImageId, dice_1..dice_4. Raises SteelError for a malformed submission (bad RLE,
@@ -98,7 +102,9 @@ def score_submission(submission: str | os.PathLike, truth_csv: str | os.PathLike
     if len(sub) != expected:
         have = set(zip(sub["ImageId"], sub["ClassId"]))
         missing = next((i, c) for i in names for c in CLASSES if (i, c) not in have)
-        raise SteelError(f"{sub_path}: {len(sub)} rows, expected {expected}; e.g. no row for image {missing[0]} class {missing[1]}")
+        raise SteelError(
+            f"{sub_path}: {len(sub)} rows, expected {expected}; e.g. no row for image {missing[0]} class {missing[1]}"
+        )
     pos = pd.Series(np.arange(len(names)), index=names)
     inter = np.zeros((len(names), N_CLASSES))
     pred_area = np.zeros((len(names), N_CLASSES))
@@ -106,7 +112,9 @@ def score_submission(submission: str | os.PathLike, truth_csv: str | os.PathLike
         try:
             pm = rle.decode(r.EncodedPixels, shape)
         except ValueError as e:
-            raise SteelError(f"{sub_path}: line {r.line}: RLE of {r.ImageId} class {r.ClassId} malformed: {e}") from None
+            raise SteelError(
+                f"{sub_path}: line {r.line}: RLE of {r.ImageId} class {r.ClassId} malformed: {e}"
+            ) from None
         i, c = pos[r.ImageId], r.ClassId - 1
         tr = truth.at[i, f"rle_{r.ClassId}"]
         tm = rle.decode(tr, shape) if tr else None
@@ -120,7 +128,9 @@ def score_submission(submission: str | os.PathLike, truth_csv: str | os.PathLike
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("submission", help="submission CSV (ImageId,EncodedPixels,ClassId or ImageId_ClassId,EncodedPixels)")
+    p.add_argument(
+        "submission", help="submission CSV (ImageId,EncodedPixels,ClassId or ImageId_ClassId,EncodedPixels)"
+    )
     p.add_argument("--truth", required=True, help="truth CSV in train.csv layout")
     p.add_argument("--images", required=True, help="directory of the images to score over")
 

@@ -92,12 +92,20 @@ class OOFWriter:
         if not self.written.all():
             missing = [self.ids[i] for i in np.flatnonzero(~self.written)[:3]]
             self.abort()
-            raise RuntimeError(f"OOF store incomplete: {int((~self.written).sum())} images not written, e.g. {missing}")
+            raise RuntimeError(
+                f"OOF store incomplete: {int((~self.written).sum())} images not written, e.g. {missing}"
+            )
         self._close_files(sync=True)
         pd.DataFrame({"ImageId": self.ids, "fold": self.folds, "row": np.arange(len(self.ids))}).to_csv(
             self.tmp / "index.csv", index=False
         )
-        meta = {"stride": self.stride, "height": self.height, "width": self.width, "n": len(self.ids), "classes": N_CLASSES}
+        meta = {
+            "stride": self.stride,
+            "height": self.height,
+            "width": self.width,
+            "n": len(self.ids),
+            "classes": N_CLASSES,
+        }
         write_json(self.tmp / "meta.json", {**self.meta, **meta})
         old = self.oof_dir.with_name(f".{self.oof_dir.name}.old")
         shutil.rmtree(old, ignore_errors=True)
@@ -199,7 +207,9 @@ def build_oof(
     ckpts = [run_dir / f"fold-{k}" / checkpoint for k in range(n_folds)]
     missing = [str(c) for c in ckpts if not c.is_file()]
     if missing:
-        raise SteelError(f"{missing[0]}: checkpoint missing ({len(missing)} of {n_folds} folds); finish the folds first")
+        raise SteelError(
+            f"{missing[0]}: checkpoint missing ({len(missing)} of {n_folds} folds); finish the folds first"
+        )
     data_dir = data_dir or _data_dir_of(run_dir)
     table = read_train(data_dir).set_index("ImageId")
     unknown = sorted(set(split["ImageId"]) - set(table.index))
@@ -210,7 +220,9 @@ def build_oof(
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     meta = {"data_dir": str(Path(data_dir).resolve()), "tta": tta_names, "members": [str(run_dir.resolve())],
             "checkpoints": [str(c.resolve()) for c in ckpts]}  # fmt: skip
-    with OOFWriter(run_dir / "oof", split["ImageId"].tolist(), split["fold"].to_numpy(), h, w, stride, meta) as writer:
+    with OOFWriter(
+        run_dir / "oof", split["ImageId"].tolist(), split["fold"].to_numpy(), h, w, stride, meta
+    ) as writer:
         bar = tqdm(total=len(split), desc="oof", unit="img")
         for k in range(n_folds):
             model = load_model(ckpts[k], map_location=device)
@@ -218,7 +230,9 @@ def build_oof(
             for start in range(0, len(rows), batch_size):
                 r = rows[start : start + batch_size]
                 ids = split["ImageId"].to_numpy()[r]
-                imgs = np.stack([cv2.imread(str(Path(data_dir) / "train_images" / i), cv2.IMREAD_GRAYSCALE) for i in ids])
+                imgs = np.stack(
+                    [cv2.imread(str(Path(data_dir) / "train_images" / i), cv2.IMREAD_GRAYSCALE) for i in ids]
+                )
                 x = torch.from_numpy(imgs).to(device).float().div_(255).unsqueeze(1)
                 probs, cls = predict_batch(model.net, x, model.hparams.get("input_size"), tta_names)
                 truth = np.stack([masks_of(table.loc[i], (h, w)) for i in ids])
@@ -226,13 +240,20 @@ def build_oof(
                 bar.update(len(r))
             del model
         bar.close()
-    print(f"oof: {len(split)} images from {n_folds} folds, stride {stride}, TTA {','.join(tta_names)} -> {run_dir / 'oof'}")
+    print(
+        f"oof: {len(split)} images from {n_folds} folds, stride {stride}, TTA {','.join(tta_names)} -> {run_dir / 'oof'}"
+    )
     return run_dir / "oof"
 
 
 def add_arguments(p) -> None:
     p.add_argument("run_dir", help="run directory with fold-K/best.ckpt for every fold of folds.csv")
-    p.add_argument("--stride", type=int, default=None, help="keep every s-th pixel (default 2 for >= 256x800 images, else 1)")
+    p.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="keep every s-th pixel (default 2 for >= 256x800 images, else 1)",
+    )
     p.add_argument("--tta", default="none", help="comma-separated: none,hflip,vflip")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--data-dir", default=None, help="default: data.data_dir of the run's config")
@@ -241,5 +262,7 @@ def add_arguments(p) -> None:
 
 
 def main(args) -> int:
-    build_oof(args.run_dir, args.stride, args.tta, args.batch_size, args.data_dir, args.device, args.checkpoint)
+    build_oof(
+        args.run_dir, args.stride, args.tta, args.batch_size, args.data_dir, args.device, args.checkpoint
+    )
     return 0

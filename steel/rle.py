@@ -17,15 +17,18 @@ def encode(mask: np.ndarray) -> str:
     """Encode a (H, W) mask (non-zero = defect) as a Kaggle RLE string; ``""`` when empty."""
     m = np.asarray(mask) != 0
     h = m.shape[0]
+    cols = np.flatnonzero(m.any(0))
+    if cols.size == 0:
+        return ""
+    c0 = int(cols[0])
+    m = m[:, c0 : int(cols[-1]) + 1]  # only the column span that holds defect pixels
     # vertical transitions, row-major: row r of `t` is the boundary above image row r (r = h: below the last)
     t = np.empty((h + 1, m.shape[1]), bool)
     t[0], t[h] = m[0], m[h - 1]
     np.not_equal(m[1:], m[:-1], out=t[1:h])
     flat = np.flatnonzero(t)  # 1-D search: much faster than np.nonzero on 2-D
-    if flat.size == 0:
-        return ""
     r, c = np.divmod(flat, m.shape[1])
-    pos = np.sort(c * h + r)  # column-major boundary positions: start, end, start, end, ...
+    pos = np.sort((c + c0) * h + r)  # column-major boundary positions: start, end, start, end, ...
     starts, ends = pos[0::2], pos[1::2]
     keep = starts[1:] != ends[:-1]  # a run going on at the top of the next column is one run
     starts = starts[np.concatenate([[True], keep])]
@@ -54,7 +57,9 @@ def parse(rle: str | float | None, shape: tuple[int, int] = KAGGLE_SHAPE) -> tup
         raise ValueError(f"RLE has an odd number of values ({values.size}); expected start/length pairs")
     starts, lengths = values[0::2], values[1::2]
     if (starts < 1).any():
-        raise ValueError(f"RLE start {int(starts[starts < 1][0])} is not positive (pixels are numbered from 1)")
+        raise ValueError(
+            f"RLE start {int(starts[starts < 1][0])} is not positive (pixels are numbered from 1)"
+        )
     if (lengths < 1).any():
         raise ValueError(f"RLE run length {int(lengths[lengths < 1][0])} is not positive")
     ends = starts + lengths  # 1-indexed, exclusive
@@ -63,10 +68,14 @@ def parse(rle: str | float | None, shape: tuple[int, int] = KAGGLE_SHAPE) -> tup
         raise ValueError(f"RLE starts are not sorted: {int(starts[i])} then {int(starts[i + 1])}")
     if (ends[:-1] > starts[1:]).any():
         i = int(np.flatnonzero(ends[:-1] > starts[1:])[0])
-        raise ValueError(f"RLE runs overlap: run at {int(starts[i])} (length {int(lengths[i])}) reaches past {int(starts[i + 1])}")
+        raise ValueError(
+            f"RLE runs overlap: run at {int(starts[i])} (length {int(lengths[i])}) reaches past {int(starts[i + 1])}"
+        )
     n = int(shape[0]) * int(shape[1])
     if ends[-1] - 1 > n:
-        raise ValueError(f"RLE run at {int(starts[-1])} (length {int(lengths[-1])}) ends past the last pixel {n} of a {shape[0]}x{shape[1]} image")
+        raise ValueError(
+            f"RLE run at {int(starts[-1])} (length {int(lengths[-1])}) ends past the last pixel {n} of a {shape[0]}x{shape[1]} image"
+        )
     return starts - 1, lengths
 
 

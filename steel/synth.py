@@ -34,7 +34,9 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     rows = cv2.GaussianBlur(rng.normal(0, 6, (h, 1)).astype(np.float32), (1, 0), sigmaX=1, sigmaY=2)
     streaks = np.broadcast_to(rows, (h, w)) * rng.uniform(0.5, 1.5)
     x = np.linspace(0, 1, w, dtype=np.float32)
-    drift = rng.uniform(-25, 25) * x + rng.uniform(-10, 10) * np.sin(2 * np.pi * (x * rng.uniform(0.3, 1.5) + rng.uniform()))
+    drift = rng.uniform(-25, 25) * x + rng.uniform(-10, 10) * np.sin(
+        2 * np.pi * (x * rng.uniform(0.3, 1.5) + rng.uniform())
+    )
     grain = cv2.GaussianBlur(rng.normal(0, 12, (h, w)).astype(np.float32), (0, 0), sigmaX=2.5, sigmaY=0.6)
     img = base + streaks + drift[None, :] + grain + rng.normal(0, 3, (h, w)).astype(np.float32)
     return img.astype(np.float32)
@@ -51,7 +53,9 @@ def _blob(rng: np.random.Generator, h: int, w: int, cx: float, cy: float, rx: fl
     return m
 
 
-def _defect(rng: np.random.Generator, cls: int, h: int, w: int, x0: int, target: float) -> tuple[np.ndarray, float, bool]:
+def _defect(
+    rng: np.random.Generator, cls: int, h: int, w: int, x0: int, target: float
+) -> tuple[np.ndarray, float, bool]:
     """Mask (H, W) uint8, intensity shift and whether the texture is speckled, for one defect of a class."""
     m = np.zeros((h, w), np.uint8)
     if cls == 1:  # clusters of small pits
@@ -60,13 +64,28 @@ def _defect(rng: np.random.Generator, cls: int, h: int, w: int, x0: int, target:
         r = max(1.5, np.sqrt(target / k / np.pi))
         for _ in range(k):
             px, py = cx + rng.normal(0, 3 * r), cy + rng.normal(0, 2 * r)
-            cv2.ellipse(m, (int(px), int(py)), (max(1, int(r * rng.uniform(0.7, 1.3))), max(1, int(r * rng.uniform(0.6, 1.1)))), rng.uniform(0, 180), 0, 360, 1, -1)
+            cv2.ellipse(
+                m,
+                (int(px), int(py)),
+                (max(1, int(r * rng.uniform(0.7, 1.3))), max(1, int(r * rng.uniform(0.6, 1.1)))),
+                rng.uniform(0, 180),
+                0,
+                360,
+                1,
+                -1,
+            )
         return m, rng.uniform(-55, -25), True
     if cls == 2:  # short vertical scratches across the strip
         length = rng.uniform(0.3, 0.9) * h
         thick = max(2, int(target / length))
         cx, cy = rng.uniform(x0 + 0.05 * w, 0.95 * w), rng.uniform(0.2 * h, 0.8 * h)
-        cv2.line(m, (int(cx), int(cy - length / 2)), (int(cx + rng.uniform(-0.1, 0.1) * length), int(cy + length / 2)), 1, thick)
+        cv2.line(
+            m,
+            (int(cx), int(cy - length / 2)),
+            (int(cx + rng.uniform(-0.1, 0.1) * length), int(cy + length / 2)),
+            1,
+            thick,
+        )
         return m, rng.uniform(25, 50), False
     if cls == 3:  # long scratches / scuffs along the rolling direction
         k = int(rng.integers(1, 4))
@@ -100,7 +119,15 @@ def make_image(rng: np.random.Generator, classes: list[int], h: int, w: int) -> 
         x0 = x0 if x0m.start == 0 else 0
     masks = np.zeros((N_CLASSES, h, w), np.uint8)
     for _ in range(rng.poisson(0.6)):  # harmless stains and roll marks: not defects
-        stain = _blob(rng, h, w, rng.uniform(x0, w), rng.uniform(0, h), rng.uniform(0.02, 0.15) * w, rng.uniform(0.05, 0.3) * h)
+        stain = _blob(
+            rng,
+            h,
+            w,
+            rng.uniform(x0, w),
+            rng.uniform(0, h),
+            rng.uniform(0.02, 0.15) * w,
+            rng.uniform(0.05, 0.3) * h,
+        )
         img += cv2.GaussianBlur(stain.astype(np.float32), (0, 0), 6) * rng.uniform(-18, 12)
     scale = h * w / (KAGGLE_SHAPE[0] * KAGGLE_SHAPE[1])
     for cls in classes:
@@ -129,7 +156,9 @@ def sample_classes(rng: np.random.Generator) -> list[int]:
     return [first]
 
 
-def _write_split(rng: np.random.Generator, out: Path, folder: str, n: int, h: int, w: int, desc: str) -> pd.DataFrame:
+def _write_split(
+    rng: np.random.Generator, out: Path, folder: str, n: int, h: int, w: int, desc: str
+) -> pd.DataFrame:
     (out / folder).mkdir(parents=True, exist_ok=True)
     rows = []
     ids = set()
@@ -149,7 +178,14 @@ def _write_split(rng: np.random.Generator, out: Path, folder: str, n: int, h: in
     return pd.DataFrame(rows, columns=["ImageId", "ClassId", "EncodedPixels"])
 
 
-def synth(out: str | os.PathLike, n_train: int = 200, n_test: int = 50, seed: int = 0, height: int = KAGGLE_SHAPE[0], width: int = KAGGLE_SHAPE[1]) -> Path:
+def synth(
+    out: str | os.PathLike,
+    n_train: int = 200,
+    n_test: int = 50,
+    seed: int = 0,
+    height: int = KAGGLE_SHAPE[0],
+    width: int = KAGGLE_SHAPE[1],
+) -> Path:
     """Write a Kaggle-layout synthetic data set to ``out``; deterministic by ``seed``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -161,7 +197,11 @@ def synth(out: str | os.PathLike, n_train: int = 200, n_test: int = 50, seed: in
             df.sort_values(["ImageId", "ClassId"]).to_csv(tmp, index=False)
     test_ids = sorted(p.name for p in (out / "test_images").iterdir() if p.suffix == ".jpg")
     sample = pd.DataFrame(
-        {"ImageId": np.repeat(test_ids, N_CLASSES), "EncodedPixels": "1 1", "ClassId": np.tile(np.arange(1, N_CLASSES + 1), len(test_ids))}
+        {
+            "ImageId": np.repeat(test_ids, N_CLASSES),
+            "EncodedPixels": "1 1",
+            "ClassId": np.tile(np.arange(1, N_CLASSES + 1), len(test_ids)),
+        }
     )
     with atomic_path(out / "sample_submission.csv", ".csv") as tmp:
         sample.to_csv(tmp, index=False)

@@ -16,13 +16,21 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 SYNTH_SHAPE = (64, 320)
 
 
-def run_steel(*args: str, check: bool = True, cwd: str | os.PathLike | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+def run_steel(
+    *args: str, check: bool = True, cwd: str | os.PathLike | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """Run the real `steel` command line in a subprocess; returns the completed process (text output)."""
     proc = subprocess.run(
-        [sys.executable, "-m", "steel.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd, timeout=timeout
+        [sys.executable, "-m", "steel.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=timeout,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"steel {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"steel {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -30,7 +38,20 @@ def run_steel(*args: str, check: bool = True, cwd: str | os.PathLike | None = No
 def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Synthetic Kaggle-layout data: 60 train + 20 test images of 64x320."""
     out = tmp_path_factory.mktemp("synth") / "data"
-    run_steel("synth", out, "--n-train", 60, "--n-test", 20, "--seed", 3, "--height", SYNTH_SHAPE[0], "--width", SYNTH_SHAPE[1])
+    run_steel(
+        "synth",
+        out,
+        "--n-train",
+        60,
+        "--n-test",
+        20,
+        "--seed",
+        3,
+        "--height",
+        SYNTH_SHAPE[0],
+        "--width",
+        SYNTH_SHAPE[1],
+    )
     return out
 
 

@@ -26,12 +26,31 @@ def test_demo_refuses_an_out_dir_made_with_other_settings(tmp_path):
 
 @pytest.mark.slow
 def test_demo_small_end_to_end_and_resume(tmp_path):
-    args = ["demo", "--out", tmp_path, "--n-train", 60, "--n-test", 20, "--folds", 3, "--trials", 30, "--epochs", 2]
+    args = [
+        "demo",
+        "--out",
+        tmp_path,
+        "--n-train",
+        60,
+        "--n-test",
+        20,
+        "--folds",
+        3,
+        "--trials",
+        30,
+        "--epochs",
+        2,
+    ]
     first = run_steel(*args, timeout=1800)
     for name in ("report.png", "ensemble.pt", "submission.csv", "results.json", "blend/thresholds.json"):
         assert (tmp_path / name).is_file(), name
     rows = {r["row"]: r for r in json.loads((tmp_path / "results.json").read_text())["table"]}
-    assert set(rows) == {"all-empty baseline", "default thresholds (blend)", "tuned single run", "tuned blend"}
+    assert set(rows) == {
+        "all-empty baseline",
+        "default thresholds (blend)",
+        "tuned single run",
+        "tuned blend",
+    }
     assert "mean Dice on the synthetic test images" in first.stdout
     mtime = (tmp_path / "runs/tiny/fold-0/best.ckpt").stat().st_mtime_ns
     second = run_steel(*args, timeout=1800)

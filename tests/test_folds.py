@@ -21,7 +21,10 @@ def test_folds_stratified_and_deterministic(synth_dir, tmp_path):
     free = (a[HAS].sum(1) == 0).groupby(a["fold"]).sum()
     assert (abs(free - free.sum() / 5) <= 1).all()
     assert (out1.with_suffix(".cmd")).read_text().startswith("steel folds")
-    c = pd.read_csv(run_steel("folds", synth_dir, "--n-folds", 5, "--seed", 8, "--out", tmp_path / "c.csv") and tmp_path / "c.csv")
+    c = pd.read_csv(
+        run_steel("folds", synth_dir, "--n-folds", 5, "--seed", 8, "--out", tmp_path / "c.csv")
+        and tmp_path / "c.csv"
+    )
     assert not c["fold"].equals(a["fold"])
 
 

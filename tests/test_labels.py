@@ -22,7 +22,11 @@ def test_long_format_and_defect_free_images(tmp_path):
     d = _fake_data(tmp_path, "ImageId,ClassId,EncodedPixels\na.jpg,3,1 4\na.jpg,1,10 2\nb.jpg,4,5 3\n")
     t = read_train(d)
     assert t["ImageId"].tolist() == ["a.jpg", "b.jpg", "c.jpg"]
-    assert t[["has_1", "has_2", "has_3", "has_4"]].to_numpy().tolist() == [[1, 0, 1, 0], [0, 0, 0, 1], [0, 0, 0, 0]]
+    assert t[["has_1", "has_2", "has_3", "has_4"]].to_numpy().tolist() == [
+        [1, 0, 1, 0],
+        [0, 0, 0, 1],
+        [0, 0, 0, 0],
+    ]
     assert t.loc[0, "area_3"] == 4 and t.loc[1, "area_4"] == 3 and t.loc[2, "rle_1"] == ""
     assert t.attrs["shape"] == (8, 16)
 
@@ -33,17 +37,27 @@ def test_old_format_with_four_rows_an_image(tmp_path):
         for c in range(1, 5):
             rows.append(f"{img}_{c},{'3 5' if (img, c) == ('b.jpg', 2) else ''}")
     t = read_train(_fake_data(tmp_path, "\n".join(rows) + "\n"))
-    assert t["has_2"].tolist() == [0, 1, 0] and t.loc[1, "area_2"] == 5 and t[["has_1", "has_3", "has_4"]].to_numpy().sum() == 0
+    assert (
+        t["has_2"].tolist() == [0, 1, 0]
+        and t.loc[1, "area_2"] == 5
+        and t[["has_1", "has_3", "has_4"]].to_numpy().sum() == 0
+    )
 
 
 @pytest.mark.parametrize(
     "csv, message",
     [
         ("ImageId,EncodedPixels\na.jpg,1 2\n", "missing column 'ClassId'"),
-        ("ImageId,ClassId,EncodedPixels\na.jpg,1,1 2\nb.jpg,2,3 x\n", "line 3: RLE of b.jpg class 2 malformed"),
+        (
+            "ImageId,ClassId,EncodedPixels\na.jpg,1,1 2\nb.jpg,2,3 x\n",
+            "line 3: RLE of b.jpg class 2 malformed",
+        ),
         ("ImageId,ClassId,EncodedPixels\nzzz.jpg,1,1 2\n", "line 2: image zzz.jpg has no file"),
         ("ImageId,ClassId,EncodedPixels\na.jpg,5,1 2\n", "line 2: class '5' outside 1..4"),
-        ("ImageId,ClassId,EncodedPixels\na.jpg,1,1 2\na.jpg,1,5 2\n", "line 3: duplicate row for image a.jpg class 1"),
+        (
+            "ImageId,ClassId,EncodedPixels\na.jpg,1,1 2\na.jpg,1,5 2\n",
+            "line 3: duplicate row for image a.jpg class 1",
+        ),
         ("ImageId,ClassId,EncodedPixels\na.jpg,1,1 200\n", "ends past the last pixel 128"),
     ],
 )
@@ -66,7 +80,12 @@ def test_submission_round_trip_both_formats(tmp_path):
     back = read_submission(tmp_path / "s.csv")
     got = {(r.ImageId, r.ClassId): r.EncodedPixels for r in back.itertuples()}
     assert got[("x.jpg", 4)] == "7 1" and got[("y.jpg", 3)] == "3 3" and got[("y.jpg", 1)] == ""
-    old = pd.DataFrame({"ImageId_ClassId": [f"{i}_{c}" for i in ids for c in range(1, 5)], "EncodedPixels": [s for r in rles for s in r]})
+    old = pd.DataFrame(
+        {
+            "ImageId_ClassId": [f"{i}_{c}" for i in ids for c in range(1, 5)],
+            "EncodedPixels": [s for r in rles for s in r],
+        }
+    )
     old.to_csv(tmp_path / "old.csv", index=False)
     back_old = read_submission(tmp_path / "old.csv")
     assert {(r.ImageId, r.ClassId): r.EncodedPixels for r in back_old.itertuples()} == got

@@ -20,7 +20,18 @@ from steel.oof import OOFStore
 from tests.conftest import run_steel
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1", "--trainer.logger", "CSVLogger", "--data.batch_size", "8", "--trainer.log_every_n_steps", "1"]
+FAST = [
+    "--trainer.max_epochs",
+    "2",
+    "--trainer.check_val_every_n_epoch",
+    "1",
+    "--trainer.logger",
+    "CSVLogger",
+    "--data.batch_size",
+    "8",
+    "--trainer.log_every_n_steps",
+    "1",
+]
 
 
 def test_parse_folds_and_gpus():
@@ -78,11 +89,19 @@ def test_slurm_dry_run_builds_array(tmp_path, synth_dir, folds_csv):
     assert "dry run; array of 3 fold(s)" in proc.stdout
     sbatch = (run / "slurm" / "array.sbatch").read_text()
     assert "#SBATCH --array=0-2%3" in sbatch and "#SBATCH --partition=gpu" in sbatch
-    assert "#SBATCH --gpus-per-node=2" in sbatch and "#SBATCH --ntasks-per-node=2" in sbatch and "#SBATCH --time=90" in sbatch
+    assert (
+        "#SBATCH --gpus-per-node=2" in sbatch
+        and "#SBATCH --ntasks-per-node=2" in sbatch
+        and "#SBATCH --time=90" in sbatch
+    )
     cmds = (run / "slurm" / "commands.txt").read_text().splitlines()
     assert len(cmds) == 3
     for k, line in enumerate(cmds):
-        assert line.startswith(f"fold {k}: ") and f"--data.fold {k} " in line and f"--run_dir {run}/fold-{k}" in line
+        assert (
+            line.startswith(f"fold {k}: ")
+            and f"--data.fold {k} " in line
+            and f"--run_dir {run}/fold-{k}" in line
+        )
         assert "--trainer.devices 2 --trainer.strategy ddp" in line and "--trainer.max_epochs 30" in line
     assert (run / "folds.csv").read_text() == Path(folds_csv).read_text()
 
@@ -105,7 +124,9 @@ def test_launch_killed_then_resumed_covers_every_image_once(tmp_path, synth_dir,
     cmd = [sys.executable, "-m", "steel.cli", "launch", "--config", str(ROOT / "experiments/tiny.yaml"), "--run-dir", str(run),
            "--data-dir", str(synth_dir), "--folds-csv", str(folds_csv), "--oof-stride", "1", "--", *FAST]  # fmt: skip
     env = dict(os.environ, WANDB_MODE="offline")
-    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    first = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT
+    )
     deadline = time.time() + 400
     while time.time() < deadline and not (run / "fold-1" / "last.ckpt").is_file():
         assert first.poll() is None, first.stdout.read()

@@ -45,8 +45,14 @@ def test_score_rejects_malformed(tmp_path):
     rows = [(i, "", c) for i in ("a.jpg", "b.jpg") for c in range(1, 5)]
     bad = list(rows)
     bad[2] = ("a.jpg", "4 1 1 1", 3)
-    proc = run_steel("score", _sub(tmp_path, bad), "--truth", d / "truth.csv", "--images", d / "imgs", check=False)
-    assert proc.returncode == 2 and "line 4: RLE of a.jpg class 3 malformed" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_steel(
+        "score", _sub(tmp_path, bad), "--truth", d / "truth.csv", "--images", d / "imgs", check=False
+    )
+    assert (
+        proc.returncode == 2
+        and "line 4: RLE of a.jpg class 3 malformed" in proc.stderr
+        and "Traceback" not in proc.stderr
+    )
     with pytest.raises(SteelError, match="7 rows, expected 8; e.g. no row for image b.jpg class 4"):
         score_submission(_sub(tmp_path, rows[:-1]), d / "truth.csv", d / "imgs")
     with pytest.raises(SteelError, match="image zz.jpg is not in"):
