@@ -337,6 +337,15 @@ def average_checkpoints(paths: list[str | Path], out: str | Path, template: str 
 
 
 # ---- run directory callbacks ----------------------------------------------------------------------------
+class TopKCheckpoint(ModelCheckpoint):
+    """Keeps the weights of the k best epochs in <run_dir>/topk/ for weight averaging. Its state key names its
+    directory so that it can live beside the best/last ModelCheckpoint (Lightning wants unique keys)."""
+
+    @property
+    def state_key(self) -> str:
+        return "ModelCheckpoint" + repr({"monitor": self.monitor, "mode": self.mode, "dirpath": "topk"})
+
+
 class RunFiles(Callback):
     """Writes progress.json after each fit validation and metrics.json at the end of fit (global rank 0)."""
 
@@ -477,6 +486,18 @@ class SteelCLI(LightningCLI):
         run_dir = Path(cfg.run_dir)
         user = self._get(self.config_init, "trainer", default={}).get("callbacks") or []
         callbacks = list(user) if isinstance(user, list) else [user]
+        self.topk_checkpoint = None
+        if self.subcommand == "fit" and cfg.average_top_k > 1:
+            self.topk_checkpoint = TopKCheckpoint(
+                dirpath=run_dir / "topk",
+                filename="epoch{epoch:03d}",
+                monitor="val/dice",
+                mode="max",
+                save_top_k=cfg.average_top_k,
+                auto_insert_metric_name=False,
+                save_weights_only=True,
+            )
+            callbacks.append(self.topk_checkpoint)  # before best/last: last.ckpt then holds its current state
         callbacks.append(
             ModelCheckpoint(
                 dirpath=run_dir,
@@ -489,18 +510,6 @@ class SteelCLI(LightningCLI):
                 auto_insert_metric_name=False,
             )
         )
-        self.topk_checkpoint = None
-        if self.subcommand == "fit" and cfg.average_top_k > 1:
-            self.topk_checkpoint = ModelCheckpoint(
-                dirpath=run_dir / "topk",
-                filename="epoch{epoch:03d}",
-                monitor="val/dice",
-                mode="max",
-                save_top_k=cfg.average_top_k,
-                auto_insert_metric_name=False,
-                save_weights_only=True,
-            )
-            callbacks.append(self.topk_checkpoint)
         self.run_files = RunFiles(run_dir, cfg.data.fold)
         callbacks.append(self.run_files)
         return super().instantiate_trainer(callbacks=callbacks, **kwargs)

@@ -105,12 +105,34 @@ def test_resume_from_last(tiny_run: Path, synth_dir: Path, folds_csv: Path, tmp_
     run = tmp_path / "fold-0"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("wandb"))
     before = json.loads((run / "progress.json").read_text())
-    args = ["--data.data_dir", synth_dir, "--data.folds_csv", folds_csv, "--run_dir", run, "--trainer.logger", "false"]
-    check(steel("fit", "--config", TINY, *args, "--ckpt_path", run / "last.ckpt", "--trainer.max_epochs", before["max_epochs"] + 3))
+    args = [
+        "--data.data_dir",
+        synth_dir,
+        "--data.folds_csv",
+        folds_csv,
+        "--run_dir",
+        run,
+        "--trainer.logger",
+        "false",
+    ]
+    check(
+        steel(
+            "fit",
+            "--config",
+            TINY,
+            *args,
+            "--ckpt_path",
+            run / "last.ckpt",
+            "--trainer.max_epochs",
+            before["max_epochs"] + 3,
+        )
+    )
     after = json.loads((run / "progress.json").read_text())
     assert after["epoch"] == before["max_epochs"] + 2 and after["max_epochs"] == before["max_epochs"] + 3
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["best_val_dice"] >= before["best_val_dice"]  # callback state (best so far) survived the resume
+    assert (
+        metrics["best_val_dice"] >= before["best_val_dice"]
+    )  # callback state (best so far) survived the resume
 
 
 @pytest.mark.slow
@@ -118,15 +140,49 @@ def test_average_top_k(synth_dir: Path, folds_csv: Path, tmp_path: Path) -> None
     import torch
 
     run = tmp_path / "fold-1"
-    args = ["--data.data_dir", synth_dir, "--data.folds_csv", folds_csv, "--data.fold", 1, "--run_dir", run, "--trainer.logger", "false"]
-    check(steel("fit", "--config", TINY, *args, "--trainer.max_epochs", 6, "--trainer.check_val_every_n_epoch", 1, "--average_top_k", 3, "--average_into_best", "true"))
+    args = [
+        "--data.data_dir",
+        synth_dir,
+        "--data.folds_csv",
+        folds_csv,
+        "--data.fold",
+        1,
+        "--run_dir",
+        run,
+        "--trainer.logger",
+        "false",
+    ]
+    check(
+        steel(
+            "fit",
+            "--config",
+            TINY,
+            *args,
+            "--trainer.max_epochs",
+            6,
+            "--trainer.check_val_every_n_epoch",
+            1,
+            "--average_top_k",
+            3,
+            "--average_into_best",
+            "true",
+        )
+    )
     top = sorted((run / "topk").glob("*.ckpt"))
     assert len(top) == 3 and (run / "swa.ckpt").is_file()
+    # last.ckpt carries the top-k callback's final state (scores of exactly these files; steel blend reads it)
+    callbacks = torch.load(run / "last.ckpt", map_location="cpu", weights_only=False)["callbacks"]
+    topk_state = next(
+        v for k, v in callbacks.items() if k.startswith("ModelCheckpoint") and v["dirpath"].endswith("topk")
+    )
+    assert sorted(Path(p).name for p in topk_state["best_k_models"]) == [p.name for p in top]
     states = [torch.load(p, map_location="cpu", weights_only=False)["state_dict"] for p in top]
     swa = torch.load(run / "swa.ckpt", map_location="cpu", weights_only=False)
     key = "net.net.segmentation_head.0.weight"
     torch.testing.assert_close(swa["state_dict"][key], torch.stack([s[key] for s in states]).mean(0))
-    assert swa["hyper_parameters"]["encoder"] == "tu-test_resnet.r160_in1k"  # a full checkpoint: load_model works
+    assert (
+        swa["hyper_parameters"]["encoder"] == "tu-test_resnet.r160_in1k"
+    )  # a full checkpoint: load_model works
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["swa_members"] == 3 and metrics["best_source"] in ("swa", "epoch")
     assert metrics["best_val_dice"] >= metrics["swa_val_dice"] - 1e-9
