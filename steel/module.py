@@ -14,6 +14,7 @@ swa.ckpt with ``--average_top_k K`` (weights of the K best epochs averaged), val
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import shutil
 from functools import partial
@@ -478,8 +479,15 @@ class SteelCLI(LightningCLI):
                     args.group = args.get("group") or name
                 else:  # older wandb/jsonargparse: wandb.init kwargs go through dict_kwargs
                     lg.dict_kwargs = {"group": name, **(lg.get("dict_kwargs") or {})}
-            elif args.get("save_dir") in (None, "."):
-                args.save_dir = str(run_dir)
+            else:
+                if lg.class_path.endswith("TensorBoardLogger") and not any(
+                    importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")
+                ):
+                    raise SteelError(
+                        "--trainer.logger TensorBoardLogger needs the tensorboard package (pip install tensorboard); CSVLogger needs nothing"
+                    )
+                if args.get("save_dir") in (None, "."):
+                    args.save_dir = str(run_dir)
 
     def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         cfg = self.config[self.subcommand]
@@ -496,20 +504,29 @@ class SteelCLI(LightningCLI):
                 save_top_k=cfg.average_top_k,
                 auto_insert_metric_name=False,
                 save_weights_only=True,
+                save_on_train_epoch_end=False,
             )
             callbacks.append(self.topk_checkpoint)  # before best/last: last.ckpt then holds its current state
-        callbacks.append(
-            ModelCheckpoint(
-                dirpath=run_dir,
-                filename="best",
-                monitor="val/dice",
-                mode="max",
-                save_top_k=1,
-                save_last=True,
-                enable_version_counter=False,
-                auto_insert_metric_name=False,
-            )
+        best = ModelCheckpoint(
+            dirpath=run_dir,
+            filename="best",
+            monitor="val/dice",
+            mode="max",
+            save_top_k=1,
+            enable_version_counter=False,
         )
+        # last.ckpt after every validation (Lightning's save_last only writes when a new best is saved). All three
+        # save in on_validation_end in this order, so last.ckpt holds the others' current state (resume, and the
+        # top-k scores that steel blend reads)
+        last = ModelCheckpoint(
+            dirpath=run_dir,
+            filename="last",
+            monitor=None,
+            save_top_k=1,
+            save_on_train_epoch_end=False,
+            enable_version_counter=False,
+        )
+        callbacks += [best, last]
         self.run_files = RunFiles(run_dir, cfg.data.fold)
         callbacks.append(self.run_files)
         return super().instantiate_trainer(callbacks=callbacks, **kwargs)
