@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install clean gpu-wheels gpu-check-dry
 
 $(BIN)/steel: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,3 +25,15 @@ lint: $(BIN)/steel
 
 clean:
 	rm -rf demo-out runs wandb
+
+# Wheels a lent GPU machine lacks (CPython 3.12, manylinux x86_64) -> .gpu-wheels/ (git-ignored), for
+# benchmarks/gpu_check.sh there. Needs only pip and the registry.
+GPU_PLATFORMS := $(foreach p,manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 manylinux1_x86_64,--platform $(p))
+gpu-wheels:
+	mkdir -p .gpu-wheels
+	$(PYTHON) -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_PLATFORMS) -d .gpu-wheels -r benchmarks/gpu-wheels.txt
+	du -sh .gpu-wheels
+
+gpu-check-dry: $(BIN)/steel
+	PYTHON=$(BIN)/python bash benchmarks/gpu_check.sh --cpu-dry-run

@@ -2,12 +2,13 @@
 (``steel predict FILE``), measured in the same run on the same uint8 images.
 
     python benchmarks/bench_predict.py [--n 32] [--height 64] [--width 320] [--batch 8] [--threads N]
-    python benchmarks/bench_predict.py --cuda [--large-n 5506] [--arch Unet] [--encoder resnet34] [--folds 5]
+    python benchmarks/bench_predict.py --cuda [--large-n 5506] [--measure-n 256] [--arch Unet] [--encoder resnet34]
+                                              [--folds 10] [--tta none,hflip,vflip]
 
 CPU (default): random-weight tiny nets (Unet + ``tu-test_resnet.r160_in1k``, encoder depth 3) on random
 64x320 images, two ensembles: 1 member x 1 fold, no TTA; 1 member x 10 folds x 3 TTA (none, hflip, vflip).
-``--cuda``: ``--large-n`` (5,506 = the Kaggle test set) images of 256x1600 on the GPU, ``--folds`` folds x
-``--tta``, a Kaggle-size net (``--arch`` / ``--encoder``, random weights). Images are generated in memory
+``--cuda``: ``--measure-n`` images of 256x1600 timed on the GPU and projected to ``--large-n`` (5,506 = the Kaggle
+test set), ``--folds`` folds x ``--tta``, a Kaggle-size net (``--arch`` / ``--encoder``, random weights). Images are generated in memory
 (decoding JPEGs is not measured). Post-processing is on (label gate 0.5, pixel 0.5, min-area 100, components
 < 150 px removed: noise masks from random nets, a hard case for it). The exported module runs the way
 ``steel predict`` runs it (``torch.jit.optimized_execution(False)``); the profiling executor is also shown.
@@ -102,24 +103,35 @@ def cpu(args: argparse.Namespace) -> None:
 
 
 def large(args: argparse.Namespace) -> None:
+    """Kaggle-size nets at 256x1600 on ``--device``: ``--measure-n`` images timed, projected to ``--large-n``."""
     device = args.device
     if device.startswith("cuda") and not torch.cuda.is_available():
         print("--cuda: no CUDA device here; nothing measured")
         return
     tta = args.tta.split(",")
+    n = min(args.measure_n, args.large_n)
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (args.large_n, 256, 1600), dtype=torch.uint8, generator=g)
+    images = torch.randint(0, 256, (n, 256, 1600), dtype=torch.uint8, generator=g)
     if device.startswith("cuda"):
         images = images.pin_memory()
+    t = time.perf_counter()
     eager, exported = build(args.folds, tta, args.arch, args.encoder, None, (256, 1600), device)
+    built = time.perf_counter() - t
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     print(
-        f"{name}: {args.large_n} images 256x1600, {args.arch}/{args.encoder} x {args.folds} folds x TTA {','.join(tta)}, batch {args.batch}, fp32"
+        f"{name}: {n} images 256x1600 timed (projected to {args.large_n}), {args.arch}/{args.encoder} x "
+        f"{args.folds} folds x TTA {','.join(tta)} = {args.folds * len(tta)} forward passes an image, "
+        f"batch {args.batch}, fp32, post-processing on; build + export {built:.1f} s"
     )
+    print("| variant | img/s | projected s for", args.large_n, "images |")
+    print("|---|---|---|")
     for label, r in zip(
-        ("eager", "exported"), rates([(eager, True), (exported, False)], images, args.batch, device, 1)
+        ("eager", "exported"),
+        rates([(eager, True), (exported, False)], images, args.batch, device, args.repeats),
     ):
-        print(f"  {label}: {args.large_n / r:.1f} s ({r:.1f} img/s)", flush=True)
+        print(f"| {label} | {r:.1f} | {args.large_n / r:.0f} |", flush=True)
+    if device.startswith("cuda"):
+        print(f"GPU memory peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
 
 def main() -> None:
@@ -135,10 +147,11 @@ def main() -> None:
         "--large", action="store_true", help="the 256x1600 measurement on --device (smoke test on cpu)"
     )
     p.add_argument("--device", default="cuda")
-    p.add_argument("--large-n", type=int, default=5506)
+    p.add_argument("--large-n", type=int, default=5506, help="images the timing is projected to")
+    p.add_argument("--measure-n", type=int, default=256, help="images actually timed at 256x1600")
     p.add_argument("--arch", default="Unet")
     p.add_argument("--encoder", default="resnet34")
-    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--folds", type=int, default=10)
     p.add_argument("--tta", default="none,hflip,vflip")
     args = p.parse_args()
     if args.threads:

@@ -2,14 +2,17 @@
 step against a plain torch loop on the same model and batch (ratios measured in the same run).
 
     python benchmarks/bench_train.py [--data-dir DIR] [--n-images 96] [--workers 2] [--crop 256 512]
-                                     [--arch Unet] [--encoder resnet18] [--batch 4] [--steps 12] [--precision 32-true]
+                                     [--models Unet:resnet18] [--batch 4] [--steps 10] [--precision 32-true]
+                                     [--channels-last off|on|both] [--device auto|cpu|cuda]
+    python benchmarks/bench_train.py --cuda   # GPU preset: Unet/FPN efficientnet-b3, batch 16, bf16, NHWC on/off
 
 Data: Kaggle-size synthetic images (``steel synth``, 256x1600) unless ``--data-dir`` names a Kaggle-layout dir.
 1. loader: ``SteelDataModule`` train loader (``--workers`` processes, RLE decode, crop, light augmentations,
    float conversion, collation) vs ``cv2.imread(GRAYSCALE)`` of the same files on a thread pool of the same size.
 2. step: ``SteelModule`` fitted by a ``pl.Trainer`` (no logger/checkpoints/progress bar) on one fixed batch
    served from memory vs a hand-written loop (forward, the same losses, backward, optimizer step) on the same
-   batch; both count images/s after ``--warmup`` steps. Device: CUDA if available, else CPU.
+   batch; both count images/s after ``--warmup`` steps, alternating ``--rounds`` times (best kept), for each
+   model and memory layout (channels_last), with the GPU memory peak. Device: CUDA if available, else CPU.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ import cv2
 import torch
 
 
-def ensure_data(data_dir: str | None, n: int, tmp: Path) -> tuple[Path, Path]:
+def ensure_data(
+    data_dir: str | None, n: int, tmp: Path, height: int = 256, width: int = 1600
+) -> tuple[Path, Path]:
     """(data dir, folds csv): the given dir, or fresh 256x1600 synthetic data in ``tmp``."""
     if data_dir:
         out = Path(data_dir)
@@ -46,6 +51,10 @@ def ensure_data(data_dir: str | None, n: int, tmp: Path) -> tuple[Path, Path]:
                 "1",
                 "--seed",
                 "0",
+                "--height",
+                str(height),
+                "--width",
+                str(width),
             ],
             check=True,
             capture_output=True,
@@ -132,14 +141,28 @@ class FixedBatches(torch.utils.data.Dataset):
         return self.batch
 
 
-def bench_plain(model_args: dict, batch: dict, steps: int, warmup: int, device: str, precision: str) -> float:
+def _memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def bench_plain(
+    model_args: dict,
+    batch: dict,
+    steps: int,
+    warmup: int,
+    device: str,
+    precision: str,
+    channels_last: bool = False,
+) -> float:
     """images/s of a hand-written loop: forward, SteelModule's losses, backward, AdamW step."""
     from steel.module import SteelModule
 
     torch.manual_seed(0)
-    module = SteelModule(**model_args).to(device).train()
+    fmt = _memory_format(channels_last)
+    module = SteelModule(**model_args).to(device, memory_format=fmt).train()
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
     b = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    b["image"] = b["image"].contiguous(memory_format=fmt)
     amp = precision.startswith("16") or precision.startswith("bf16")
     dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
     scaler = torch.amp.GradScaler(enabled=precision.startswith("16") and device == "cuda")
@@ -162,7 +185,13 @@ def bench_plain(model_args: dict, batch: dict, steps: int, warmup: int, device: 
 
 
 def bench_lightning(
-    model_args: dict, batch: dict, steps: int, warmup: int, device: str, precision: str
+    model_args: dict,
+    batch: dict,
+    steps: int,
+    warmup: int,
+    device: str,
+    precision: str,
+    channels_last: bool = False,
 ) -> float:
     """images/s of pl.Trainer.fit on the same batch (timed from the ``warmup``-th step to the last)."""
     import pytorch_lightning as pl
@@ -182,7 +211,10 @@ def bench_lightning(
             self.elapsed = time.perf_counter() - self.t
 
     torch.manual_seed(0)
+    fmt = _memory_format(channels_last)
     module = SteelModule(**model_args, optimizer="adamw", lr=1e-4, scheduler="none", log_images=0)
+    module = module.to(memory_format=fmt)
+    batch = {**batch, "image": batch["image"].contiguous(memory_format=fmt)}  # .to(device) keeps the layout
     loader = torch.utils.data.DataLoader(FixedBatches(batch, warmup + steps), batch_size=None, num_workers=0)
     clock = Clock()
     trainer = pl.Trainer(
@@ -201,31 +233,84 @@ def bench_lightning(
     return steps * batch["image"].shape[0] / clock.elapsed
 
 
+def bench_steps(args: argparse.Namespace, batch: dict, device: str) -> None:
+    """Plain loop vs Lightning for each ``--models`` entry and channels_last setting; prints a table."""
+    layouts = {"off": [False], "on": [True], "both": [False, True]}[args.channels_last]
+    print(
+        f"\n[step] batch {args.batch} x 1x{args.crop[0]}x{args.crop[1]}, {args.precision}, {args.steps} timed steps"
+        f" after {args.warmup} warm-up, best of {args.rounds} interleaved rounds"
+    )
+    print("| model | channels_last | plain img/s | Lightning img/s | Lightning/plain | GPU peak GiB |")
+    print("|---|---|---|---|---|---|")
+    for spec in args.models.split(","):
+        arch, encoder = spec.split(":")
+        model_args = {"arch": arch, "encoder": encoder, "encoder_weights": None}
+        for cl in layouts:
+            if device == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            plain = light = 0.0
+            for _ in range(args.rounds):  # interleaved, best of rounds: the machine's load drifts
+                run = (model_args, batch, args.steps, args.warmup, device, args.precision, cl)
+                plain = max(plain, bench_plain(*run))
+                light = max(light, bench_lightning(*run))
+            peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+            print(
+                f"| {arch}/{encoder} | {'on' if cl else 'off'} | {plain:.1f} | {light:.1f} | {light / plain:.3f} | {peak:.2f} |",
+                flush=True,
+            )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=None)
     p.add_argument("--n-images", type=int, default=96)
+    p.add_argument("--height", type=int, default=256, help="synthetic image height (no --data-dir)")
+    p.add_argument("--width", type=int, default=1600, help="synthetic image width (no --data-dir)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--crop", type=int, nargs=2, default=[256, 512])
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--arch", default="Unet")
-    p.add_argument("--encoder", default="resnet18")
+    p.add_argument("--models", default="Unet:resnet18", help="comma-separated ARCH:ENCODER (smp names)")
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="plain/Lightning measured alternately this many times (best kept)",
+    )
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument(
         "--precision",
         default="32-true",
         help="Lightning precision; the plain loop uses the matching autocast",
     )
-    args = p.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    p.add_argument("--channels-last", choices=("off", "on", "both"), default="off")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument(
+        "--cuda",
+        action="store_true",
+        help="GPU preset: Unet/FPN efficientnet-b3, batch 16, bf16-mixed, channels_last off and on, "
+        "8 loader workers (explicit options given after it still win)",
+    )
+    argv = sys.argv[1:]
+    if "--cuda" in argv:  # preset first, so options the user wrote win
+        preset = ["--device", "cuda", "--models", "Unet:efficientnet-b3,FPN:efficientnet-b3", "--batch", "16",
+                  "--precision", "bf16-mixed", "--channels-last", "both", "--workers", "8", "--steps", "20"]  # fmt: skip
+        argv = preset + argv
+    args = p.parse_args(argv)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        print("bench_train: --device cuda but no CUDA device here; nothing measured")
+        sys.exit(1)
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     print(
-        f"device {device}, torch threads {torch.get_num_threads()}, cores {os.cpu_count()}, workers {args.workers}"
+        f"device {device} ({name}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
+        f"cores {os.cpu_count()}, workers {args.workers}, load {os.getloadavg()[0]:.1f}"
     )
 
     with tempfile.TemporaryDirectory() as tmp:
-        data_dir, folds = ensure_data(args.data_dir, args.n_images, Path(tmp))
+        data_dir, folds = ensure_data(args.data_dir, args.n_images, Path(tmp), args.height, args.width)
         from steel.data import SteelDataModule
 
         dm = SteelDataModule(str(data_dir), str(folds), 0, num_workers=0)
@@ -242,15 +327,7 @@ def main() -> None:
         print(f"  ratio loader / raw decode             : {loader / decode:9.3f}")
 
         batch = make_batch(data_dir, folds, args.batch, args.crop)
-        model_args = {"arch": args.arch, "encoder": args.encoder, "encoder_weights": None}
-        plain = bench_plain(model_args, batch, args.steps, args.warmup, device, args.precision)
-        light = bench_lightning(model_args, batch, args.steps, args.warmup, device, args.precision)
-        print(
-            f"\n[step] {args.arch}/{args.encoder}, batch {args.batch} x 1x{args.crop[0]}x{args.crop[1]}, {args.precision}, {args.steps} timed steps"
-        )
-        print(f"  plain torch loop     : {plain:9.2f} images/s")
-        print(f"  Lightning fit        : {light:9.2f} images/s")
-        print(f"  ratio Lightning/plain: {light / plain:9.3f}")
+        bench_steps(args, batch, device)
 
 
 if __name__ == "__main__":
