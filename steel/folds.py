@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import shlex
 import sys
@@ -58,6 +59,15 @@ def load_folds(path: str | os.PathLike) -> pd.DataFrame:
     if missing:
         raise SteelError(f"{path}: missing column '{missing[0]}'")
     return df
+
+
+def split_hash(folds_csv: str | os.PathLike) -> str:
+    """Content hash of a split: sha256 of the sorted "ImageId,fold" lines, first 16 hex digits.
+
+    Only which image is in which fold counts: line endings, column order and the has_* columns do not."""
+    df = load_folds(folds_csv)
+    lines = sorted(f"{i},{int(f)}" for i, f in zip(df["ImageId"].astype(str), df["fold"]))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()[:16]
 
 
 def split(folds_csv: str | os.PathLike, fold: int) -> tuple[list[str], list[str]]:
