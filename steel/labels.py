@@ -19,31 +19,67 @@ def list_images(images_dir: str | os.PathLike) -> list[str]:
     """Sorted image file names in a directory; SteelError if it is missing."""
     images_dir = Path(images_dir)
     if not images_dir.is_dir():
-        raise SteelError(f"{images_dir}: image directory not found")
+        what = (
+            "is a file, expected a directory of images"
+            if images_dir.exists()
+            else "image directory not found"
+        )
+        raise SteelError(f"{images_dir}: {what}")
     return sorted(p.name for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS)
 
 
 def image_shape(images_dir: str | os.PathLike, names: list[str] | None = None) -> tuple[int, int]:
-    """(H, W) of the first image of a directory; the Kaggle shape if it has none."""
-    import cv2
+    """(H, W) shared by the images of a directory (the Kaggle shape if it has none).
+
+    Reads every header (no decoding). SteelError naming the first image whose size differs from the
+    majority's, or the first unreadable one.
+    """
+    from steel.images import image_size
 
     names = list_images(images_dir) if names is None else names
     if not names:
         return KAGGLE_SHAPE
-    path = Path(images_dir) / names[0]
-    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if img is None:
-        raise SteelError(f"{path}: cannot read image")
-    return int(img.shape[0]), int(img.shape[1])
+    sizes = np.array([image_size(Path(images_dir) / n) for n in names])
+    shapes, inverse, counts = np.unique(sizes, axis=0, return_inverse=True, return_counts=True)
+    common = int(np.argmax(counts))
+    if len(shapes) > 1:
+        i = int(np.flatnonzero(inverse.ravel() != common)[0])
+        h, w = shapes[common]
+        raise SteelError(
+            f"{Path(images_dir) / names[i]}: image is {sizes[i][0]}x{sizes[i][1]}, "
+            f"but {counts[common]} of the {len(names)} images are {h}x{w}"
+        )
+    return int(shapes[0][0]), int(shapes[0][1])
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
+def read_csv(path: str | os.PathLike) -> pd.DataFrame:
+    """A label or submission CSV as strings (no NA parsing); SteelError naming the file (and line) if it is
+    missing, a directory, empty, not text, or has a row with more fields than the header."""
+    import csv
+    import warnings
+
+    path = Path(path)
+    if path.is_dir():
+        raise SteelError(f"{path}: is a directory, expected a CSV file")
     if not path.is_file():
         raise SteelError(f"{path}: file not found")
     try:
-        return pd.read_csv(path, dtype=str, keep_default_na=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", pd.errors.ParserWarning)
+            df = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
+    except pd.errors.EmptyDataError:
+        raise SteelError(f"{path}: empty file, expected a CSV with a header line") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as e:
         raise SteelError(f"{path}: not a readable CSV ({str(e).splitlines()[0]})") from None
+    if any(issubclass(w.category, pd.errors.ParserWarning) for w in caught):
+        # pandas drops the surplus fields of such a row (on the first data line it would even take
+        # column 1 as the index without index_col=False): find the row to name it
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = csv.reader(f)
+            n = len(next(rows))
+            line = next(i for i, row in enumerate(rows, start=2) if len(row) > n)
+        raise SteelError(f"{path}: line {line}: more fields than the {n} columns of the header")
+    return df
 
 
 def _long_format(df: pd.DataFrame, path: Path) -> pd.DataFrame:
@@ -88,11 +124,14 @@ def read_train(data_dir: str | os.PathLike, csv: str | os.PathLike | None = None
     naming the file and line for a missing column, malformed RLE, unknown image, bad class or duplicate.
     """
     data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        what = "is a file, expected" if data_dir.exists() else "not found; expected"
+        raise SteelError(f"{data_dir}: {what} a data directory with train.csv and train_images/")
     path = Path(csv) if csv is not None else data_dir / "train.csv"
     images_dir = data_dir / "train_images"
+    df = _long_format(read_csv(path), path)
     names = list_images(images_dir)
     shape = image_shape(images_dir, names)
-    df = _long_format(_read_csv(path), path)
     return build_table(df, names, shape, path, images_dir)
 
 
@@ -170,4 +209,4 @@ def write_submission(image_ids: list[str], rles: list[list[str]], path: str | os
 def read_submission(path: str | os.PathLike) -> pd.DataFrame:
     """Read a submission in either Kaggle layout: columns ImageId, ClassId, EncodedPixels, line."""
     path = Path(path)
-    return _long_format(_read_csv(path), path)
+    return _long_format(read_csv(path), path)

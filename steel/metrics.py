@@ -86,9 +86,9 @@ def score_submission(
         raise SteelError(f"{images_dir}: no images")
     shape = image_shape(images_dir, names)
     truth_path = Path(truth_csv)
-    from steel.labels import _long_format, _read_csv
+    from steel.labels import _long_format, read_csv
 
-    truth_long = _long_format(_read_csv(truth_path), truth_path)
+    truth_long = _long_format(read_csv(truth_path), truth_path)
     truth_long = truth_long[truth_long["ImageId"].isin(set(names))]
     truth = build_table(truth_long, names, shape, truth_path, images_dir)
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from steel import KAGGLE_SHAPE, N_CLASSES, rle
 from steel.errors import SteelError
-from steel.io import atomic_path
+from steel.io import atomic_dir
 
 # Share of defect images whose primary class is c (real set: class 3 dominates, class 2 is rare).
 PRIMARY_PROBS = np.array([0.13, 0.035, 0.70, 0.135])
@@ -26,6 +26,8 @@ P_DEFECT_FREE = 0.47
 P_SECOND_CLASS = 0.11  # of defect images -> ~6 % of all images carry two classes
 # Per-class mask area ranges on a 256x1600 image (walkthrough section 4.1, 2-98 percentile).
 AREA_RANGES = {1: (500, 15500), 2: (700, 10000), 3: (1100, 160000), 4: (2800, 127000)}
+# What `steel synth` writes into its directory (all that --overwrite may replace).
+LAYOUT = ("train_images", "test_images", "train.csv", "test_truth.csv", "sample_submission.csv")
 
 
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
@@ -168,14 +170,34 @@ def _write_split(
             image_id = f"{int(rng.integers(0, 16**9)):09x}.jpg"
         ids.add(image_id)
         img, masks = make_image(rng, sample_classes(rng), h, w)
-        path = out / folder / image_id
-        with atomic_path(path, ".jpg") as tmp:
-            if not cv2.imwrite(str(tmp), img, [cv2.IMWRITE_JPEG_QUALITY, 95]):
-                raise OSError(f"cannot write {path}")
+        path = out / folder / image_id  # inside the data set's temporary dir: no per-file temp needed
+        if not cv2.imwrite(str(path), img, [cv2.IMWRITE_JPEG_QUALITY, 95]):
+            raise OSError(f"cannot write {path}")
         for c in range(N_CLASSES):
             if masks[c].any():
                 rows.append((image_id, c + 1, rle.encode(masks[c])))
     return pd.DataFrame(rows, columns=["ImageId", "ClassId", "EncodedPixels"])
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """SteelError unless ``out`` is missing, an empty dir, or (``overwrite``) a dir holding only a data set
+    of this layout: a new data set never mixes with old images, and --overwrite deletes nothing else."""
+    if out.exists() and not out.is_dir():
+        raise SteelError(f"{out}: is a file, expected a directory to write the data set into")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not entries:
+        return
+    if not overwrite:
+        raise SteelError(
+            f"{out}: holds data already ({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}); "
+            "add --overwrite to replace it, or choose an empty directory"
+        )
+    foreign = [e for e in entries if e not in LAYOUT]
+    if foreign:
+        raise SteelError(
+            f"{out / foreign[0]}: not part of a steel synth data set, so --overwrite leaves {out} alone; "
+            "remove it or choose another directory"
+        )
 
 
 def synth(
@@ -185,26 +207,31 @@ def synth(
     seed: int = 0,
     height: int = KAGGLE_SHAPE[0],
     width: int = KAGGLE_SHAPE[1],
+    overwrite: bool = False,
 ) -> Path:
-    """Write a Kaggle-layout synthetic data set to ``out``; deterministic by ``seed``."""
+    """Write a Kaggle-layout synthetic data set to ``out``; deterministic by ``seed``.
+
+    The set is built in a temporary dir beside ``out`` that then replaces it whole, so ``out`` holds either
+    the old data set or the new one. SteelError if ``out`` is a file or already holds data (unless
+    ``overwrite`` and it holds nothing but a data set of this layout).
+    """
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_out(out, overwrite)
     rng = np.random.default_rng(seed)
-    train = _write_split(rng, out, "train_images", n_train, height, width, "train images")
-    test = _write_split(rng, out, "test_images", n_test, height, width, "test images")
-    for name, df in (("train.csv", train), ("test_truth.csv", test)):
-        with atomic_path(out / name, ".csv") as tmp:
-            df.sort_values(["ImageId", "ClassId"]).to_csv(tmp, index=False)
-    test_ids = sorted(p.name for p in (out / "test_images").iterdir() if p.suffix == ".jpg")
-    sample = pd.DataFrame(
-        {
-            "ImageId": np.repeat(test_ids, N_CLASSES),
-            "EncodedPixels": "1 1",
-            "ClassId": np.tile(np.arange(1, N_CLASSES + 1), len(test_ids)),
-        }
-    )
-    with atomic_path(out / "sample_submission.csv", ".csv") as tmp:
-        sample.to_csv(tmp, index=False)
+    with atomic_dir(out) as tmp:
+        train = _write_split(rng, tmp, "train_images", n_train, height, width, "train images")
+        test = _write_split(rng, tmp, "test_images", n_test, height, width, "test images")
+        for name, df in (("train.csv", train), ("test_truth.csv", test)):
+            df.sort_values(["ImageId", "ClassId"]).to_csv(tmp / name, index=False)
+        test_ids = sorted(p.name for p in (tmp / "test_images").iterdir() if p.suffix == ".jpg")
+        sample = pd.DataFrame(
+            {
+                "ImageId": np.repeat(test_ids, N_CLASSES),
+                "EncodedPixels": "1 1",
+                "ClassId": np.tile(np.arange(1, N_CLASSES + 1), len(test_ids)),
+            }
+        )
+        sample.to_csv(tmp / "sample_submission.csv", index=False)
     return out
 
 
@@ -215,12 +242,115 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int, default=KAGGLE_SHAPE[0])
     p.add_argument("--width", type=int, default=KAGGLE_SHAPE[1])
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the data set that DIR holds (nothing else in DIR)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     for name in ("n_train", "n_test", "height", "width"):
         if getattr(args, name) < (0 if name.startswith("n_") else 16):
             raise SteelError(f"--{name.replace('_', '-')} {getattr(args, name)} is too small")
-    out = synth(args.dir, args.n_train, args.n_test, args.seed, args.height, args.width)
+    out = synth(args.dir, args.n_train, args.n_test, args.seed, args.height, args.width, args.overwrite)
     print(f"wrote {args.n_train} train + {args.n_test} test images ({args.height}x{args.width}) to {out}")
     return 0
+
+
+# ---- synthetic OOF stores (tests and benchmarks of the threshold sweep) ------------------------------------
+def _smooth(rng: np.random.Generator, b: int, h: int, w: int, cell: int) -> np.ndarray:
+    """b smooth random fields (b, h, w) float32: N(0, 1) on a grid of ``cell`` pixels, bilinear upsampled."""
+    gh, gw = max(2, -(-h // cell) + 1), max(2, -(-w // cell) + 1)
+    small = rng.standard_normal((gh, gw, b), dtype=np.float32)
+    big = cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR)
+    return np.ascontiguousarray(big.reshape(h, w, b).transpose(2, 0, 1))
+
+
+def _thin_lines(
+    rng: np.random.Generator, logit: np.ndarray, truth: np.ndarray, present: np.ndarray, p_lines: float
+) -> None:
+    """Draw 1-px vertical scratches (as class 2 has) into logit / truth (b, h, w) in place.
+
+    An image where the class is present gets 1-3 true lines with a broken high-probability trace (one pixel
+    wide, neighbours spilling a little); an absent one may get a faint false line.
+    """
+    b, h, w = logit.shape
+    for i in range(b):
+        true_line = present[i] and rng.random() < p_lines
+        n = int(rng.integers(1, 4)) if true_line else int(rng.random() < 0.5 * p_lines)
+        if true_line:  # the scratches replace the blobs of this image's class
+            truth[i] = 0
+            logit[i] = np.minimum(logit[i], -6.0)
+        for _ in range(n):
+            line = np.zeros((h, w), np.uint8)
+            length = rng.uniform(0.2, 0.9) * h
+            x, y = rng.uniform(0, w - 1), rng.uniform(0, h - length)
+            dx = rng.uniform(-0.02, 0.02) * length
+            cv2.line(line, (int(x), int(y)), (int(np.clip(x + dx, 0, w - 1)), int(y + length)), 1, 1)
+            on = line.astype(bool)
+            spill = cv2.dilate(line, np.ones((1, 3), np.uint8)).astype(bool) & ~on
+            trace = cv2.GaussianBlur(
+                rng.standard_normal((h, 1)).astype(np.float32), (1, 0), sigmaX=1, sigmaY=2
+            )
+            trace = np.broadcast_to(4.0 * trace, (h, w))  # ~N(0, 1.5) along the line: gaps and bulges
+            if true_line:
+                truth[i][on] = 1
+                logit[i][on] = np.maximum(logit[i][on], 1.5 + trace[on])
+                logit[i][spill] = np.maximum(logit[i][spill], -1.5 + trace[spill])
+            else:
+                logit[i][on] = np.maximum(logit[i][on], -1.0 + trace[on])
+
+
+def write_synthetic_oof(
+    oof_dir: str | os.PathLike,
+    n: int,
+    height: int = 256,
+    width: int = 1600,
+    stride: int = 2,
+    n_folds: int = 5,
+    seed: int = 0,
+    chunk: int = 64,
+    progress: bool = False,
+    full_res: bool = False,
+    thin_lines: float = 0.0,
+) -> Path:
+    """A random but structured OOF store for tests and benchmarks -> the oof dir.
+
+    Blobs of truth with noisy probabilities around them, false-positive blobs and specks, classifier
+    probabilities correlated with presence. ``full_res``: the maps are drawn at (height, width) and the
+    store's writer takes every ``stride``-th pixel, so stores of one seed at different strides hold the same
+    maps (else they are drawn at the strided size: faster). ``thin_lines``: share of class-2 images whose
+    defects are 1-px vertical scratches (also faint false lines), as in the Kaggle set.
+    """
+    from steel.oof import OOFWriter, strided_shape
+
+    rng = np.random.default_rng(seed)
+    h, w = (height, width) if full_res else strided_shape(height, width, stride)
+    ids = [f"{i:06d}.jpg" for i in range(n)]
+    folds = rng.permutation(np.arange(n) % n_folds)
+    present_p = np.array([0.12, 0.05, 0.45, 0.12])
+    if thin_lines:
+        present_p[1] = 0.15
+    cells = [max(2, h // k) for k in (16, 16, 8, 5)]
+    meta = {"synthetic": True, "seed": seed, "full_res": full_res, "thin_lines": thin_lines}
+    with OOFWriter(oof_dir, ids, folds, height, width, stride, meta=meta) as wr:
+        for a in tqdm(range(0, n, chunk), desc="synthetic OOF", disable=not progress, dynamic_ncols=True):
+            b = min(n, a + chunk) - a
+            present = rng.random((b, N_CLASSES)) < present_p
+            masks = np.empty((b, N_CLASSES, h, w), np.float32)
+            truth = np.empty((b, N_CLASSES, h, w), np.uint8)
+            for c in range(N_CLASSES):
+                field = _smooth(rng, b, h, w, cells[c])
+                noise = _smooth(rng, b, h, w, max(1, cells[c] // 4))
+                pres = present[:, c, None, None]
+                truth[:, c] = pres & (field > 0.8)
+                # absent class: a damped field (false-positive blobs and specks), or a clean map (60 %)
+                clean = (rng.random(b) < 0.6)[:, None, None]
+                logit = (
+                    np.where(pres, 5.0 * (field - 0.8), 5.0 * (0.6 * field - 0.8) - 2.5 - 6.0 * clean) + noise
+                )
+                if c == 1 and thin_lines:
+                    _thin_lines(rng, logit, truth[:, c], present[:, c], thin_lines)
+                masks[:, c] = 1.0 / (1.0 + np.exp(-logit))
+            cls = 1.0 / (1.0 + np.exp(-(np.where(present, 2.0, -2.0) + rng.normal(0.0, 1.5, (b, N_CLASSES)))))
+            wr.write(np.arange(a, a + b), cls, masks, truth)
+    return Path(oof_dir)
