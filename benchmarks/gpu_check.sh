@@ -68,9 +68,9 @@ for m in ("pytorch_lightning", "timm", "segmentation_models_pytorch", "albumenta
 PY
 
 if [ $DRY = 0 ]; then
-  step tests 240 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py -rs --durations=5
-  step bench_train 150 "$PY" benchmarks/bench_train.py --cuda --n-images 64
-  step bench_predict 150 "$PY" benchmarks/bench_predict.py --cuda --measure-n 128 --repeats 2 --batch 8
+  step tests 200 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py -rs --durations=5
+  step bench_train 120 "$PY" benchmarks/bench_train.py --cuda --n-images 64
+  step bench_predict 120 "$PY" benchmarks/bench_predict.py --cuda --measure-n 128 --repeats 2 --batch 8
 else
   step tests 600 "$PY" -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py -rs
   step bench_train 600 "$PY" benchmarks/bench_train.py --device cpu --models Unet:resnet18 --batch 2 \
