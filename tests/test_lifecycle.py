@@ -1,0 +1,187 @@
+"""No process outlives its command: kill a parent (SIGINT, SIGTERM, SIGKILL) and check its children end too.
+
+``kill_parent_and_check`` is generic: it starts any command, waits until the process tree has the expected
+children (read from /proc), sends one signal to the parent only, and waits for every child to be gone.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import SYNTH_SHAPE, run_steel
+
+pytestmark = pytest.mark.skipif(
+    not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc"
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _stat(pid: int) -> tuple[int, str, int] | None:
+    """(ppid, state, start time) of a process from /proc, None if there is no such process."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    fields = text[text.rindex(")") + 2 :].split()  # the command name may hold spaces and parentheses
+    return int(fields[1]), fields[0], int(fields[19])
+
+
+def descendants(pid: int) -> dict[int, int]:
+    """{pid: start time} of every living descendant of ``pid``."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (st := _stat(int(entry))) is not None and st[1] != "Z":
+            table[int(entry)] = st
+    found: dict[int, int] = {}
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, (ppid, _, start) in table.items():
+            if ppid == parent and child not in found:
+                found[child] = start
+                frontier.append(child)
+    return found
+
+
+def _alive(pid: int, start: int) -> bool:
+    st = _stat(pid)
+    return st is not None and st[2] == start and st[1] not in ("Z", "X")  # same process, not a zombie
+
+
+def kill_parent_and_check(
+    cmd: list[str],
+    sig: signal.Signals,
+    n_children: int,
+    *,
+    cwd: str | os.PathLike | None = None,
+    env: dict[str, str] | None = None,
+    start_timeout: float = 300.0,
+    exit_timeout: float = 60.0,
+) -> dict[int, int]:
+    """Run ``cmd``; once it has at least ``n_children`` descendants, send ``sig`` to it alone and assert that
+    it and every descendant it had are gone within ``exit_timeout`` s. Returns the descendants that were seen.
+
+    The command runs in its own session, so nothing but the parent receives the signal (as with ``kill PID``).
+    """
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    children: dict[int, int] = {}
+    try:
+        deadline = time.monotonic() + start_timeout
+        while time.monotonic() < deadline:
+            children = descendants(proc.pid)
+            if len(children) >= n_children:
+                break
+            if proc.poll() is not None:
+                pytest.fail(
+                    f"{cmd} ended ({proc.returncode}) before it had {n_children} children: {proc.stderr.read()}"
+                )
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"{cmd} had {len(children)} children after {start_timeout} s, expected {n_children}")
+        time.sleep(
+            1.0
+        )  # let the children settle into their work (a signal during their start is a different case)
+        children.update(descendants(proc.pid))
+        os.kill(proc.pid, sig)
+        try:
+            proc.wait(timeout=exit_timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"parent {proc.pid} still running {exit_timeout} s after {sig.name}")
+        deadline = time.monotonic() + exit_timeout
+        while time.monotonic() < deadline and any(_alive(p, s) for p, s in children.items()):
+            time.sleep(0.2)
+        left = [p for p, s in children.items() if _alive(p, s)]
+        assert not left, f"{sig.name} to the parent left children {left} running after {exit_timeout} s"
+        return children
+    finally:
+        for p, s in {**children, **descendants(proc.pid)}.items():  # never leave a process behind
+            if _alive(p, s):
+                os.kill(p, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_helper_sees_orphans():
+    """The helper itself fails when a child survives its parent (a shell whose child ignores the signal)."""
+    script = "sleep 600 & sleep 600 & wait"
+    with pytest.raises(AssertionError, match="left children"):
+        kill_parent_and_check(["sh", "-c", script], signal.SIGKILL, 2, exit_timeout=2.0)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
+    """(data dir, folds csv) of 12 images: enough for a fit that runs until it is killed."""
+    root = tmp_path_factory.mktemp("lifecycle")
+    data, folds = root / "data", root / "folds.csv"
+    run_steel(
+        "synth", data, "--n-train", 12, "--n-test", 1, "--height", SYNTH_SHAPE[0], "--width", SYNTH_SHAPE[1]
+    )
+    run_steel("folds", data, "--n-folds", 2, "--out", folds)
+    return data, folds
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+def test_fit_dataloader_workers_die_with_parent(tiny_data, tmp_path, sig):
+    data, folds = tiny_data
+    cmd = [sys.executable, "-m", "steel.cli", "fit", "--config", str(REPO / "experiments" / "tiny.yaml")]
+    cmd += ["--data.data_dir", str(data), "--data.folds_csv", str(folds), "--data.num_workers", "2"]
+    cmd += [
+        "--data.persistent_workers",
+        "true",
+        "--trainer.max_epochs",
+        "100000",
+        "--trainer.logger",
+        "false",
+    ]
+    cmd += ["--run_dir", str(tmp_path / "run")]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "offline"}
+    seen = kill_parent_and_check(cmd, sig, 2, cwd=tmp_path, env=env)
+    assert len(seen) >= 2
+
+
+LOADER_SCRIPT = """
+import sys, time
+import numpy as np
+from torch.utils.data import DataLoader, Dataset
+
+class Big(Dataset):  # numpy items travel through the worker's pipe (tensors would go through shared memory)
+    def __len__(self):
+        return 10**6
+    def __getitem__(self, i):
+        return np.full(1 << 20, i % 251, np.uint8)
+
+init = None
+if sys.argv[1] == "worker_init":
+    from steel.lifecycle import WorkerInit
+    init = WorkerInit()
+loader = DataLoader(Big(), batch_size=1, num_workers=2, worker_init_fn=init, collate_fn=lambda b: b)
+it = iter(loader)
+next(it)
+time.sleep(3600)  # the workers fill the pipe with prefetched items and wait for a reader
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+def test_dataloader_workers_with_full_pipe_die_with_parent(sig):
+    """Workers blocked writing a result to a dead parent never check PyTorch's watchdog: WorkerInit must
+    end them (without it they live on: see ``test_worker_init_is_what_ends_them``)."""
+    kill_parent_and_check([sys.executable, "-c", LOADER_SCRIPT, "worker_init"], sig, 2, cwd=REPO)
+
+
+def test_worker_init_is_what_ends_them():
+    """The same loader without WorkerInit keeps its workers after SIGKILL: the case above tests something."""
+    with pytest.raises(AssertionError, match="left children"):
+        kill_parent_and_check(
+            [sys.executable, "-c", LOADER_SCRIPT, "none"], signal.SIGKILL, 2, cwd=REPO, exit_timeout=15
+        )
