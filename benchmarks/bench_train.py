@@ -1,14 +1,17 @@
 """Training throughput: the data loader against raw cv2 decoding on the same cores, and the Lightning training
 step against a plain torch loop on the same model and batch (ratios measured in the same run).
 
-    python benchmarks/bench_train.py [--data-dir DIR] [--n-images 96] [--workers 2] [--crop 256 512]
+    python benchmarks/bench_train.py [--data-dir DIR] [--n-images 240] [--workers 2] [--crop 256 512]
                                      [--models Unet:resnet18] [--batch 4] [--steps 10] [--precision 32-true]
                                      [--channels-last off|on|both] [--device auto|cpu|cuda]
     python benchmarks/bench_train.py --cuda   # GPU preset: Unet/FPN efficientnet-b3, batch 16, bf16, NHWC on/off
 
 Data: Kaggle-size synthetic images (``steel synth``, 256x1600) unless ``--data-dir`` names a Kaggle-layout dir.
-1. loader: ``SteelDataModule`` train loader (``--workers`` processes, RLE decode, crop, light augmentations,
-   float conversion, collation) vs ``cv2.imread(GRAYSCALE)`` of the same files on a thread pool of the same size.
+1. loader: ``SteelDataModule`` train loader (``--workers`` processes: JPEG decode, RLE runs decoded for the crop
+   window only, crop, light augmentations, masks packed into bits, uint8 collation) vs ``cv2.imread(GRAYSCALE)``
+   of the same files on a thread pool of the same size, measured alternately ``--repeats`` times (best kept);
+   also the loader plus ``prepare_batch`` (float images, unpacked masks) on the device, which on a CPU-only
+   box shares the same cores.
 2. step: ``SteelModule`` fitted by a ``pl.Trainer`` (no logger/checkpoints/progress bar) on one fixed batch
    served from memory vs a hand-written loop (forward, the same losses, backward, optimizer step) on the same
    batch; both count images/s after ``--warmup`` steps, alternating ``--rounds`` times (best kept), for each
@@ -83,10 +86,8 @@ def bench_decode(paths: list[Path], workers: int, repeats: int) -> float:
     return best
 
 
-def bench_loader(
-    data_dir: Path, folds: Path, workers: int, batch: int, crop: list[int], repeats: int
-) -> tuple[float, int]:
-    """(images/s, images per epoch) of the SteelDataModule train loader (fold 0 held out)."""
+def train_loader(data_dir: Path, folds: Path, workers: int, batch: int, crop: list[int]):
+    """The SteelDataModule train loader of fold 0 (light augmentations, persistent workers)."""
     from steel.data import SteelDataModule
 
     dm = SteelDataModule(
@@ -101,14 +102,24 @@ def bench_loader(
         persistent_workers=True,
     )
     dm.setup("fit")
-    loader = dm.train_dataloader()
-    best = 0.0
-    for i in range(repeats + 1):  # first pass starts the workers
-        t = time.perf_counter()
-        n = sum(b["image"].shape[0] for b in loader)
-        if i:
-            best = max(best, n / (time.perf_counter() - t))
-    return best, n
+    return dm.train_dataloader()
+
+
+def loader_pass(loader, device: str | None = None) -> tuple[float, int]:
+    """(images/s, images) of one epoch of ``loader``; with ``device``, each batch also moved there and made
+    what the model takes (``prepare_batch``: float images, unpacked masks)."""
+    from steel.data import prepare_batch
+
+    t, n = time.perf_counter(), 0
+    for b in loader:
+        if device is not None:
+            b = prepare_batch(
+                {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in b.items()}
+            )
+        n += b["image"].shape[0]
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - t), n
 
 
 def make_batch(data_dir: Path, folds: Path, batch: int, crop: list[int]) -> dict:
@@ -125,7 +136,9 @@ def make_batch(data_dir: Path, folds: Path, batch: int, crop: list[int]) -> dict
         pin_memory=False,
     )
     dm.setup("fit")
-    return next(iter(dm.train_dataloader()))
+    from steel.data import prepare_batch
+
+    return prepare_batch(next(iter(dm.train_dataloader())))  # float images, unpacked masks
 
 
 class FixedBatches(torch.utils.data.Dataset):
@@ -264,7 +277,7 @@ def bench_steps(args: argparse.Namespace, batch: dict, device: str) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--n-images", type=int, default=96)
+    p.add_argument("--n-images", type=int, default=240, help="3/4 of them are the loader's epoch")
     p.add_argument("--height", type=int, default=256, help="synthetic image height (no --data-dir)")
     p.add_argument("--width", type=int, default=1600, help="synthetic image width (no --data-dir)")
     p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1))
@@ -317,14 +330,24 @@ def main() -> None:
         dm.setup("fit")
         paths = [data_dir / "train_images" / i for i in dm.train_set.ids]
         shape = dm.train_table.attrs["shape"]
-        decode = bench_decode(paths, args.workers, args.repeats)
-        loader, n = bench_loader(data_dir, folds, args.workers, args.batch * 2, args.crop, args.repeats)
+        loader_ = train_loader(data_dir, folds, args.workers, args.batch * 2, args.crop)
+        loader_pass(loader_)  # starts the workers
+        decode = loader = prepared = 0.0
+        for _ in range(args.repeats):  # interleaved, best of repeats: the machine's load drifts
+            decode = max(decode, bench_decode(paths, args.workers, 1))
+            loader = max(loader, loader_pass(loader_)[0])
+            rate, n = loader_pass(loader_, device)
+            prepared = max(prepared, rate)
         print(
-            f"\n[loader] {n} train images of {shape[0]}x{shape[1]}, crop {args.crop[0]}x{args.crop[1]}, {args.workers} workers"
+            f"\n[loader] {n} train images of {shape[0]}x{shape[1]}, crop {args.crop[0]}x{args.crop[1]}, batch {args.batch * 2},"
+            f" {args.workers} workers, best of {args.repeats} interleaved passes, load {os.getloadavg()[0]:.1f}"
         )
         print(f"  raw cv2.imread(GRAYSCALE), {args.workers} threads : {decode:9.1f} images/s")
         print(f"  SteelDataModule train loader          : {loader:9.1f} images/s")
         print(f"  ratio loader / raw decode             : {loader / decode:9.3f}")
+        print(
+            f"  loader + prepare_batch on {device:<4}       : {prepared:9.1f} images/s ({prepared / decode:.3f})"
+        )
 
         batch = make_batch(data_dir, folds, args.batch, args.crop)
         bench_steps(args, batch, device)

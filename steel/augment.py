@@ -1,19 +1,26 @@
 """Training augmentations: albumentations pipelines by name, crops/resize, and the defect blackout.
 
-Images are grey uint8 (H, W); masks are uint8 (H, W, 4) (albumentations' channel-last layout).
-``build_train_transform`` returns an ``A.Compose`` called as ``t(image=img, mask=masks)``.
+Images are grey uint8 (H, W); masks are uint8 (C, H, W) 0/1, channel first as the model takes them, given as
+an array or as a ``steel.rle.RunMasks`` (RLE runs: a crop then decodes only its window).
+``build_train_transform`` returns a ``TrainTransform`` called as ``image, masks = t(image, masks)``.
+Randomness comes from a generator per DataLoader worker, seeded from torch's per-worker seed, so workers
+draw different crops and ``seed_everything`` makes runs repeatable.
 """
 
 from __future__ import annotations
 
-import warnings
+import random
 from collections.abc import Callable
 
 import albumentations as A
 import cv2
 import numpy as np
+import torch
 
 from steel.errors import SteelError
+from steel.rle import RunMasks
+
+Masks = np.ndarray | RunMasks
 
 
 def _light() -> list[A.BasicTransform]:
@@ -75,79 +82,169 @@ def _size(value: list[int] | tuple[int, int] | None, name: str) -> tuple[int, in
     return int(value[0]), int(value[1])
 
 
+def _as_array(masks: Masks) -> np.ndarray:
+    return masks.decode() if isinstance(masks, RunMasks) else masks
+
+
+def _defect_pixel(masks: Masks, rng: np.random.Generator) -> tuple[int, int] | None:
+    """(y, x) of a random pixel of a random present class; None when the masks are empty."""
+    if isinstance(masks, RunMasks):
+        if not masks.present.size:
+            return None
+        c = int(rng.choice(masks.present))
+        return masks.pixel(c, int(rng.integers(masks.areas[c])))
+    present = np.flatnonzero(masks.any(axis=(1, 2)))
+    if not present.size:
+        return None
+    ys, xs = np.nonzero(masks[rng.choice(present)])
+    k = int(rng.integers(ys.size))
+    return int(ys[k]), int(xs[k])
+
+
+class DefectAwareCrop:
+    """Random (height, width) window of image (H, W) and masks (C, H, W); with probability ``defect_p`` (and
+    when the masks have pixels) the window contains a random defect pixel. The image comes back as a view, the
+    masks decoded for the window only (RunMasks) or as a view; inputs smaller than the window are
+    reflect-padded first."""
+
+    def __init__(self, height: int, width: int, defect_p: float = 0.0) -> None:
+        if not 0.0 <= defect_p <= 1.0:
+            raise SteelError(f"defect_crop_p {defect_p}: must be in [0, 1]")
+        self.h, self.w, self.defect_p = height, width, defect_p
+
+    def __call__(
+        self, image: np.ndarray, masks: Masks, rng: np.random.Generator | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng() if rng is None else rng
+        H, W = image.shape[:2]
+        if H < self.h or W < self.w:
+            ph, pw = max(0, self.h - H), max(0, self.w - W)
+            image = np.pad(image, ((0, ph), (0, pw)), mode="reflect")
+            masks = np.pad(_as_array(masks), ((0, 0), (0, ph), (0, pw)), mode="reflect")
+            H, W = image.shape[:2]
+        y0, x0 = int(rng.integers(H - self.h + 1)), int(rng.integers(W - self.w + 1))
+        if self.defect_p > 0 and rng.random() < self.defect_p:
+            pixel = _defect_pixel(masks, rng)
+            if pixel is not None:  # window start so that the pixel falls at a random place inside it
+                y0 = int(np.clip(pixel[0] - rng.integers(self.h), 0, H - self.h))
+                x0 = int(np.clip(pixel[1] - rng.integers(self.w), 0, W - self.w))
+        image = image[y0 : y0 + self.h, x0 : x0 + self.w]
+        if isinstance(masks, RunMasks):
+            return image, masks.window(y0, x0, self.h, self.w)
+        return image, masks[:, y0 : y0 + self.h, x0 : x0 + self.w]
+
+
+class TrainTransform:
+    """The training pipeline on image uint8 (H, W) and masks (C, H, W) (array or RunMasks):
+    resize (optional) -> crop (optional, defect-aware with prob ``defect_crop_p``) -> defect blackout (prob
+    ``blackout_p``) -> the named albumentations list, which sees only the masks that have pixels (an empty mask
+    stays empty under every transform here). Cropping first keeps every copy crop-sized.
+    Returns contiguous (image uint8 (h, w), masks uint8 (C, h, w))."""
+
+    def __init__(
+        self,
+        augment: str = "light",
+        crop: list[int] | tuple[int, int] | None = None,
+        resize: list[int] | tuple[int, int] | None = None,
+        defect_crop_p: float = 0.0,
+        blackout_p: float = 0.0,
+    ) -> None:
+        if augment not in AUGMENTS:
+            raise SteelError(f"augment {augment!r}: choose one of {', '.join(AUGMENTS)}")
+        if not 0.0 <= defect_crop_p <= 1.0:
+            raise SteelError(f"defect_crop_p {defect_crop_p}: must be in [0, 1]")
+        crop, resize = _size(crop, "train_crop"), _size(resize, "train_resize")
+        self.resize = resize
+        self.crop = DefectAwareCrop(*crop, defect_p=defect_crop_p) if crop is not None else None
+        self.blackout = DefectBlackout(blackout_p) if blackout_p > 0 else None
+        self.augs = A.Compose(AUGMENTS[augment]())
+        self._seed: int | None = None
+
+    def _generator(self) -> np.random.Generator:
+        """This process's generator, (re)seeded when torch's seed changes: a DataLoader worker starts with its
+        own torch seed (base seed drawn from the main process + worker id), the main process keeps its own."""
+        seed = torch.initial_seed()
+        if seed != self._seed:
+            self._seed, self._rng = seed, np.random.default_rng(seed)
+            self.augs.set_random_state(np.random.default_rng([seed, 1]), random.Random(seed))
+        return self._rng
+
+    def __call__(self, image: np.ndarray, masks: Masks) -> tuple[np.ndarray, np.ndarray]:
+        rng = self._generator()
+        if self.resize is not None:
+            h, w = self.resize
+            masks = _as_array(masks)
+            image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+            masks = np.stack([cv2.resize(m, (w, h), interpolation=cv2.INTER_NEAREST) for m in masks])
+        if self.crop is not None:
+            image, masks = self.crop(image, masks, rng)
+        image, masks = np.ascontiguousarray(image), np.ascontiguousarray(_as_array(masks))
+        if self.blackout is not None:
+            image, masks = self.blackout(image, masks, rng)
+        if self.augs.transforms:
+            present = np.flatnonzero(masks.any(axis=(1, 2)))
+            if present.size:
+                out = self.augs(image=image, masks=masks[present])
+                masks = np.zeros_like(masks)
+                masks[present] = out["masks"]
+            else:
+                out = self.augs(image=image)
+            image = np.ascontiguousarray(out["image"])
+        return image, masks
+
+
 def build_train_transform(
     augment: str = "light",
     crop: list[int] | tuple[int, int] | None = None,
     resize: list[int] | tuple[int, int] | None = None,
     defect_crop_p: float = 0.0,
-) -> A.Compose:
-    """Resize (optional), random crop (optional; with prob ``defect_crop_p`` a crop containing defect pixels)
-    and the named augmentation list. Crop and resize sizes must be multiples of 32."""
-    if augment not in AUGMENTS:
-        raise SteelError(f"augment {augment!r}: choose one of {', '.join(AUGMENTS)}")
-    if not 0.0 <= defect_crop_p <= 1.0:
-        raise SteelError(f"defect_crop_p {defect_crop_p}: must be in [0, 1]")
-    crop, resize = _size(crop, "train_crop"), _size(resize, "train_resize")
-    steps: list[A.BasicTransform] = []
-    if resize is not None:
-        steps.append(A.Resize(*resize))
-    if crop is not None:
-        h, w = crop
-        steps.append(A.PadIfNeeded(min_height=h, min_width=w, border_mode=cv2.BORDER_REFLECT_101))
-        if defect_crop_p >= 1.0:
-            steps.append(A.CropNonEmptyMaskIfExists(h, w))
-        elif defect_crop_p > 0.0:
-            steps.append(
-                A.OneOf(
-                    [
-                        A.CropNonEmptyMaskIfExists(h, w, p=defect_crop_p),
-                        A.RandomCrop(h, w, p=1.0 - defect_crop_p),
-                    ],
-                    p=1.0,
-                )
-            )
-        else:
-            steps.append(A.RandomCrop(h, w))
-    steps += AUGMENTS[augment]()
-    return A.Compose(steps)
+    blackout_p: float = 0.0,
+) -> TrainTransform:
+    """The training pipeline (``TrainTransform``); crop and resize sizes must be multiples of 32."""
+    return TrainTransform(augment, crop, resize, defect_crop_p, blackout_p)
 
 
 class DefectBlackout:
     """With probability ``p`` erase all pixels of one present defect class: its (dilated) region is filled with the
     per-row median of the image's defect-free pixels plus noise of their spread, and that class's mask is cleared
-    (so its label drops too). Works on image uint8 (H, W) and masks uint8 (H, W, C)."""
+    (so its label drops too). Works on image uint8 (H, W) and masks uint8 (C, H, W)."""
 
     def __init__(self, p: float = 0.5, dilate: int = 3) -> None:
         if not 0.0 <= p <= 1.0:
             raise SteelError(f"blackout_p {p}: must be in [0, 1]")
         self.p, self.dilate = p, dilate
 
-    def __call__(self, image: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        present = np.flatnonzero(masks.reshape(-1, masks.shape[-1]).any(0))
-        if present.size == 0 or np.random.random() >= self.p:
+    def __call__(
+        self, image: np.ndarray, masks: np.ndarray, rng: np.random.Generator | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng() if rng is None else rng
+        present = np.flatnonzero(masks.any(axis=(1, 2)))
+        if present.size == 0 or rng.random() >= self.p:
             return image, masks
-        c = int(np.random.choice(present))
-        region = masks[..., c]
+        c = int(rng.choice(present))
+        region = np.ascontiguousarray(masks[c])
         if self.dilate > 0:
             k = 2 * self.dilate + 1
             region = cv2.dilate(region, np.ones((k, k), np.uint8))
-        region = region.astype(bool) & ~np.delete(masks, c, axis=-1).any(
-            -1
-        )  # other classes keep their pixels
-        background = np.where(masks.any(-1), np.nan, image.astype(np.float32))
-        with warnings.catch_warnings():  # rows that are all defect give NaN medians; replaced below
-            warnings.simplefilter("ignore", RuntimeWarning)
-            row_med = np.nanmedian(background, axis=1)
-            overall = np.nanmedian(background)
-        if np.isnan(overall):
-            row_med, spread = np.full(image.shape[0], float(np.median(image))), 0.0
+        others = np.delete(masks, c, axis=0).any(0)
+        region = region.astype(bool) & ~others  # other classes keep their pixels
+        rows = np.flatnonzero(region.any(1))
+        sub = image[rows].astype(np.float32)
+        bg = ~masks[:, rows].any(0)  # defect-free pixels of those rows
+        count = bg.sum(1)
+        ordered = np.sort(np.where(bg, sub, np.inf), axis=1)  # background values first, per row
+        if (count == 0).any():  # rows that are all defect: the image's background median, or the image's
+            free = ~masks.any(0)
+            fallback = float(np.median(image[free])) if free.any() else float(np.median(image))
         else:
-            row_med = np.where(np.isnan(row_med), overall, row_med)
-            spread = float(np.nanstd(background - row_med[:, None]))
-        ys, xs = np.nonzero(region)
-        fill = row_med[ys] + np.random.normal(0.0, spread, ys.size)
+            fallback = 0.0
+        row_med = np.where(count > 0, ordered[np.arange(len(rows)), np.maximum(count - 1, 0) // 2], fallback)
+        spread = float(np.std((sub - row_med[:, None])[bg])) if bg.any() else 0.0
+        ys, xs = np.nonzero(region[rows])
+        fill = row_med[ys] + rng.normal(0.0, spread, ys.size)
+        ys = rows[ys]
         out = image.copy()
         out[ys, xs] = np.clip(fill, 0, 255).astype(np.uint8)
         masks = masks.copy()
-        masks[..., c] = 0
+        masks[c] = 0
         return out, masks

@@ -1,10 +1,12 @@
 """Data: SteelDataset (grey image, 4 masks, 4 labels), epoch samplers and the LightningDataModule of one fold.
 
-A training/validation item is a dict
-  image     float32 (1, H, W) in [0, 1] (grey / 255)
-  mask      uint8 (4, H, W) 0/1
-  label     float32 (4,) 1 where the class has pixels in ``mask``
+A training/validation item is a dict (what loader workers send: 2 bytes a pixel, not 8)
+  image     uint8 (1, H, W) grey
+  mask      uint8 (H, W), bit c set where class c + 1 has a defect (``pack_masks``)
+  label     float32 (4,) 1 where the class has pixels
   image_id  str
+and a batch, once on the device (``SteelDataModule.on_after_batch_transfer`` -> ``prepare_batch``), is what
+the model takes: image float32 (B, 1, H, W) in [0, 1] (/ 255), mask uint8 (B, 4, H, W) 0/1, label (B, 4).
 Training items are cropped/resized/augmented; validation items are the full native image (the model resizes to
 its ``input_size`` itself, so validation and inference share one path). Prediction items have no mask/label.
 """
@@ -12,7 +14,7 @@ its ``input_size`` itself, so validation and inference share one path). Predicti
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -23,11 +25,12 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from steel import N_CLASSES, rle
-from steel.augment import DefectBlackout, build_train_transform
+from steel import N_CLASSES
+from steel.augment import build_train_transform
 from steel.errors import SteelError
 from steel.folds import split
 from steel.labels import CLASSES, list_images, read_train
+from steel.rle import RunMasks
 
 cv2.setNumThreads(0)  # workers parallelise; OpenCV's own threads only oversubscribe the cores
 
@@ -46,8 +49,9 @@ def read_grey(path: str | os.PathLike) -> np.ndarray:
 class SteelDataset(Dataset):
     """Images of ``images_dir`` named by ``table.ImageId`` with masks from its rle_1..rle_4 columns.
 
-    ``transform`` is an albumentations Compose (``image=``, ``mask=`` (H, W, 4)); ``blackout`` a DefectBlackout run
-    before it. ``with_masks=False`` yields only image and image_id (prediction on unlabeled images).
+    ``transform`` maps (image uint8 (H, W), masks ``steel.rle.RunMasks`` of (4, H, W)) -> (image uint8 (h, w),
+    masks uint8 (4, h, w)), e.g. a ``steel.augment.TrainTransform``. ``with_masks=False`` yields only image and
+    image_id (unlabeled images).
     """
 
     def __init__(
@@ -55,8 +59,7 @@ class SteelDataset(Dataset):
         images_dir: str | os.PathLike,
         table: pd.DataFrame,
         shape: tuple[int, int] | None = None,
-        transform=None,
-        blackout: DefectBlackout | None = None,
+        transform: Callable[[np.ndarray, RunMasks], tuple[np.ndarray, np.ndarray]] | None = None,
         with_masks: bool = True,
     ) -> None:
         self.images_dir = Path(images_dir)
@@ -64,7 +67,7 @@ class SteelDataset(Dataset):
         self.with_masks = with_masks
         self.rles = table[RLE_COLS].to_numpy().tolist() if with_masks else None
         self.shape = tuple(shape) if shape is not None else table.attrs.get("shape")
-        self.transform, self.blackout = transform, blackout
+        self.transform = transform
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -73,24 +76,46 @@ class SteelDataset(Dataset):
         image_id = self.ids[i]
         img = read_grey(self.images_dir / image_id)
         if not self.with_masks:
-            return {"image": torch.from_numpy(img).float().div_(255.0)[None], "image_id": image_id}
+            return {"image": torch.from_numpy(img)[None], "image_id": image_id}
         if self.shape is not None and img.shape != tuple(self.shape):
             raise SteelError(
                 f"{self.images_dir / image_id}: image is {img.shape[0]}x{img.shape[1]}, labels expect {self.shape[0]}x{self.shape[1]}"
             )
-        masks = np.stack([rle.decode(r, img.shape) for r in self.rles[i]], axis=-1)  # (H, W, 4)
-        if self.blackout is not None:
-            img, masks = self.blackout(img, masks)
+        masks = RunMasks(self.rles[i], img.shape)  # RLE runs: a crop decodes only its window
         if self.transform is not None:
-            out = self.transform(image=img, mask=masks)
-            img, masks = out["image"], out["mask"]
-        mask = torch.from_numpy(np.ascontiguousarray(masks.transpose(2, 0, 1)))
+            img, m = self.transform(img, masks)
+        else:
+            m = masks.decode()
         return {
-            "image": torch.from_numpy(np.ascontiguousarray(img)).float().div_(255.0)[None],
-            "mask": mask,
-            "label": mask.flatten(1).amax(1).float(),
+            "image": torch.from_numpy(img)[None],
+            "mask": torch.from_numpy(pack_masks(m)),
+            "label": torch.from_numpy(m.any(axis=(1, 2)).astype(np.float32)),
             "image_id": image_id,
         }
+
+
+def pack_masks(masks: np.ndarray) -> np.ndarray:
+    """Masks uint8 (C, H, W) 0/1, C <= 8 -> uint8 (H, W) with bit c set where mask c is."""
+    out = np.zeros(masks.shape[1:], np.uint8)
+    for c in np.flatnonzero(masks.any(axis=(1, 2))):  # a loop over the classes that have pixels
+        out |= masks[c] << np.uint8(c)
+    return out
+
+
+def unpack_masks(packed: torch.Tensor, n: int = N_CLASSES) -> torch.Tensor:
+    """uint8 (..., H, W) packed by ``pack_masks`` -> uint8 (..., n, H, W) 0/1, on the input's device."""
+    bits = torch.arange(n, dtype=torch.uint8, device=packed.device).view(n, 1, 1)
+    return (packed.unsqueeze(-3) >> bits) & 1
+
+
+def prepare_batch(batch: dict) -> dict:
+    """A collated batch of items -> what the model takes, in place, on the batch's device: images float32 in
+    [0, 1] (/ 255), masks unpacked to (B, 4, H, W). Batches already in that form pass unchanged."""
+    if batch["image"].dtype == torch.uint8:
+        batch["image"] = batch["image"].float().div_(255.0)
+    if "mask" in batch and batch["mask"].dim() == batch["image"].dim() - 1:
+        batch["mask"] = unpack_masks(batch["mask"])
+    return batch
 
 
 class _EpochSampler(Sampler[int]):
@@ -223,9 +248,8 @@ class SteelDataModule(pl.LightningDataModule):
         if batch_size < 1:
             raise SteelError(f"batch_size {batch_size}: must be at least 1")
         self.train_transform = build_train_transform(
-            augment, self.train_crop, self.train_resize, defect_crop_p
+            augment, self.train_crop, self.train_resize, defect_crop_p, blackout_p
         )
-        self.blackout = DefectBlackout(blackout_p) if blackout_p > 0 else None
         if sampler == "negatives" and not 0.0 <= negatives_fraction <= 1.0:
             raise SteelError(f"negatives_fraction {negatives_fraction}: must be in [0, 1]")
         self.train_set: SteelDataset | None = None
@@ -253,9 +277,7 @@ class SteelDataModule(pl.LightningDataModule):
         if stage in (None, "fit", "validate", "test") and self.val_set is None:
             train, val = self._tables()
             self.train_table, self.val_table = train, val
-            self.train_set = SteelDataset(
-                images, train, transform=self.train_transform, blackout=self.blackout
-            )
+            self.train_set = SteelDataset(images, train, transform=self.train_transform)
             self.val_set = SteelDataset(images, val)
         if stage == "predict" and self.predict_set is None:
             pdir = Path(hp.predict_dir) if hp.predict_dir else Path(hp.data_dir) / "test_images"
@@ -263,6 +285,10 @@ class SteelDataModule(pl.LightningDataModule):
             if not names:
                 raise SteelError(f"{pdir}: no images to predict")
             self.predict_set = SteelDataset(pdir, pd.DataFrame({"ImageId": names}), with_masks=False)
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        """Items -> model batch on the device (``prepare_batch``): cheaper there than in the loader workers."""
+        return prepare_batch(batch)
 
     def _loader(
         self,

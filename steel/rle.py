@@ -7,7 +7,9 @@ Pixels are numbered from 1, top to bottom then left to right (column-major), and
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
+import cv2
 import numpy as np
 
 from steel import KAGGLE_SHAPE
@@ -15,26 +17,30 @@ from steel import KAGGLE_SHAPE
 
 def encode(mask: np.ndarray) -> str:
     """Encode a (H, W) mask (non-zero = defect) as a Kaggle RLE string; ``""`` when empty."""
-    m = np.asarray(mask) != 0
+    m = np.asarray(mask)
+    m = (
+        m.view(np.uint8)
+        if m.dtype in (np.bool_, np.int8)
+        else m
+        if m.dtype == np.uint8
+        else (m != 0).view(np.uint8)
+    )
     h = m.shape[0]
     cols = np.flatnonzero(m.any(0))
     if cols.size == 0:
         return ""
     c0 = int(cols[0])
-    m = m[:, c0 : int(cols[-1]) + 1]  # only the column span that holds defect pixels
-    # vertical transitions, row-major: row r of `t` is the boundary above image row r (r = h: below the last)
-    t = np.empty((h + 1, m.shape[1]), bool)
-    t[0], t[h] = m[0], m[h - 1]
-    np.not_equal(m[1:], m[:-1], out=t[1:h])
-    flat = np.flatnonzero(t)  # 1-D search: much faster than np.nonzero on 2-D
-    r, c = np.divmod(flat, m.shape[1])
-    pos = np.sort((c + c0) * h + r)  # column-major boundary positions: start, end, start, end, ...
-    starts, ends = pos[0::2], pos[1::2]
-    keep = starts[1:] != ends[:-1]  # a run going on at the top of the next column is one run
-    starts = starts[np.concatenate([[True], keep])]
-    ends = ends[np.concatenate([keep, [True]])]
+    # the column span that holds defect pixels, column-major (cv2's transpose is vectorised), as one 1-D scan
+    flat = cv2.transpose(m[:, c0 : int(cols[-1]) + 1]).reshape(-1) != 0
+    edges = np.flatnonzero(flat[1:] != flat[:-1]) + 1  # where a run starts or ends
+    starts = edges[1::2] if flat[0] else edges[0::2]
+    ends = edges[0::2] if flat[0] else edges[1::2]
+    if flat[0]:
+        starts = np.concatenate([[0], starts])
+    if flat[-1]:
+        ends = np.concatenate([ends, [flat.size]])
     pairs = np.empty(2 * starts.size, np.int64)
-    pairs[0::2], pairs[1::2] = starts + 1, ends - starts
+    pairs[0::2], pairs[1::2] = starts + c0 * h + 1, ends - starts
     return str(pairs.tolist())[1:-1].replace(",", "")  # list repr is formatted in C
 
 
@@ -82,16 +88,78 @@ def parse(rle: str | float | None, shape: tuple[int, int] = KAGGLE_SHAPE) -> tup
 def decode(rle: str | float | None, shape: tuple[int, int] = KAGGLE_SHAPE) -> np.ndarray:
     """Decode a Kaggle RLE string into a (H, W) uint8 mask of 0/1; raise ValueError if malformed."""
     starts, lengths = parse(rle, shape)
-    h, w = int(shape[0]), int(shape[1])
-    out = np.zeros(h * w, np.uint8)
-    if starts.size:
-        # column-major pixel indices of every run, without a loop: offsets within runs + run starts
-        first = np.cumsum(lengths) - lengths
-        idx = np.arange(int(lengths.sum()), dtype=np.int64) + np.repeat(starts - first, lengths)
-        out[(idx % h) * w + idx // h] = 1
-    return out.reshape(h, w)
+    return RunMasks.from_runs([(starts, starts + lengths)], shape).window(0, 0, *shape)[0]
 
 
 def area(rle: str | float | None, shape: tuple[int, int] = KAGGLE_SHAPE) -> int:
     """Number of defect pixels of an RLE string (validated)."""
     return int(parse(rle, shape)[1].sum())
+
+
+class RunMasks:
+    """C masks of one (H, W) image kept as their RLE runs (0-indexed column-major [start, end) pairs), decoded
+    on demand: ``window`` decodes only the columns a crop covers, and empty masks cost nothing.
+
+    ``RunMasks(rles, shape)`` parses and validates C Kaggle strings (ValueError like ``decode``).
+    """
+
+    def __init__(self, rles: Sequence[str | float | None], shape: tuple[int, int]) -> None:
+        runs = []
+        for r in rles:
+            starts, lengths = parse(r, shape)
+            runs.append((starts, starts + lengths))
+        self._set(runs, shape)
+
+    @classmethod
+    def from_runs(cls, runs: Sequence[tuple[np.ndarray, np.ndarray]], shape: tuple[int, int]) -> RunMasks:
+        """From already validated (starts, ends) pairs of 0-indexed column-major pixel numbers."""
+        self = cls.__new__(cls)
+        self._set(runs, shape)
+        return self
+
+    def _set(self, runs: Sequence[tuple[np.ndarray, np.ndarray]], shape: tuple[int, int]) -> None:
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.runs = list(runs)
+        self.areas = np.array([int((e - s).sum()) for s, e in self.runs], np.int64)
+        self.present = np.flatnonzero(self.areas)  # classes with pixels
+
+    def __len__(self) -> int:
+        return len(self.runs)
+
+    def pixel(self, c: int, k: int) -> tuple[int, int]:
+        """(y, x) of the k-th pixel (0 <= k < ``areas[c]``, column-major order) of mask c."""
+        starts, ends = self.runs[c]
+        before = np.cumsum(ends - starts)  # pixels up to and including each run
+        i = int(np.searchsorted(before, k, side="right"))
+        p = int(starts[i]) + k - int(before[i] - (ends[i] - starts[i]))
+        return p % self.shape[0], p // self.shape[0]
+
+    def window(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        """Masks (C, h, w) uint8 0/1 of rows y0:y0+h and columns x0:x0+w (inside the image)."""
+        H = self.shape[0]
+        out = np.zeros((len(self.runs), h, w), np.uint8)
+        lo, hi = x0 * H, (x0 + w) * H  # the window's columns are one span of column-major pixel numbers
+        cols = None
+        for c in self.present:
+            starts, ends = self.runs[c]
+            i0, i1 = np.searchsorted(ends, lo, side="right"), np.searchsorted(starts, hi, side="left")
+            if i0 >= i1:
+                continue
+            s = np.maximum(starts[i0:i1], lo) - lo
+            e = np.minimum(ends[i0:i1], hi) - lo
+            if cols is None:
+                cols = np.empty(w * H, np.uint8)  # column-major buffer of the window's columns
+            # runs and the gaps between them as alternating 1/0 segments, written from the first start to the last end
+            counts = np.empty(2 * s.size - 1, np.int64)
+            counts[0::2], counts[1::2] = e - s, s[1:] - e[:-1]
+            ones = np.ones(counts.size, np.uint8)
+            ones[1::2] = 0
+            cols[: s[0]] = 0
+            cols[s[0] : e[-1]] = np.repeat(ones, counts)
+            cols[e[-1] :] = 0
+            cv2.transpose(cols.reshape(w, H)[:, y0 : y0 + h], dst=out[c])  # (w, h) -> (h, w), vectorised
+        return out
+
+    def decode(self) -> np.ndarray:
+        """All masks (C, H, W) uint8 0/1."""
+        return self.window(0, 0, *self.shape)

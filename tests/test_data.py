@@ -10,17 +10,22 @@ import pandas as pd
 import pytest
 import torch
 
-from steel.augment import AUGMENTS, DefectBlackout, build_train_transform
+from steel import rle
+from steel.augment import AUGMENTS, DefectAwareCrop, DefectBlackout, build_train_transform
 from steel.data import (
     BalancedSampler,
     NegativesSampler,
     SteelDataModule,
     SteelDataset,
     UnrepeatedDistributedSampler,
+    pack_masks,
+    prepare_batch,
+    unpack_masks,
 )
 from steel.errors import SteelError
 from steel.folds import split
 from steel.labels import masks_of, read_train
+from steel.rle import RunMasks
 
 pytest_plugins = ["tests.conftest_training"]
 
@@ -41,12 +46,15 @@ def test_dataset_item_contract(synth_dir: Path, table: pd.DataFrame) -> None:
     ds = SteelDataset(synth_dir / "train_images", table)
     i = int(np.flatnonzero(table[[f"has_{c}" for c in range(1, 5)]].sum(axis=1).to_numpy() > 0)[0])
     item = ds[i]
-    assert item["image"].shape == (1, 64, 320) and item["image"].dtype == torch.float32
-    assert 0.0 <= item["image"].min() and item["image"].max() <= 1.0
+    assert item["image"].shape == (1, 64, 320) and item["image"].dtype == torch.uint8
     expected_img = cv2.imread(str(synth_dir / "train_images" / table.ImageId[i]), cv2.IMREAD_GRAYSCALE)
-    torch.testing.assert_close(item["image"][0], torch.from_numpy(expected_img).float() / 255)
-    assert item["mask"].shape == (4, 64, 320) and item["mask"].dtype == torch.uint8
-    np.testing.assert_array_equal(item["mask"].numpy(), masks_of(table.iloc[i], (64, 320)))
+    np.testing.assert_array_equal(item["image"][0].numpy(), expected_img)
+    assert (
+        item["mask"].shape == (64, 320) and item["mask"].dtype == torch.uint8
+    )  # packed: bit c = class c + 1
+    truth = masks_of(table.iloc[i], (64, 320))
+    np.testing.assert_array_equal(unpack_masks(item["mask"]).numpy(), truth)
+    np.testing.assert_array_equal(item["mask"].numpy(), (truth << np.arange(4)[:, None, None]).sum(0))
     assert item["label"].tolist() == table.loc[i, [f"has_{c}" for c in range(1, 5)]].astype(float).tolist()
     assert item["image_id"] == table.ImageId[i]
 
@@ -57,8 +65,18 @@ def test_datamodule_split_and_batches(synth_dir: Path, folds_csv: Path) -> None:
     assert dm.val_set.ids == val_ids and sorted(dm.train_set.ids) == sorted(train_ids)
     assert not set(dm.val_set.ids) & set(dm.train_set.ids)
     batch = next(iter(dm.train_dataloader()))
-    assert batch["image"].shape == (4, 1, 64, 160) and batch["mask"].shape == (4, 4, 64, 160)
+    assert batch["image"].shape == (4, 1, 64, 160) and batch["mask"].shape == (4, 64, 160)
+    assert batch["image"].dtype == torch.uint8 and batch["mask"].dtype == torch.uint8
+    raw, packed = batch["image"].clone(), batch["mask"].clone()
+    batch = dm.on_after_batch_transfer(batch, 0)  # what the Trainer does once the batch is on the device
+    assert batch["image"].dtype == torch.float32 and batch["mask"].shape == (4, 4, 64, 160)
+    torch.testing.assert_close(batch["image"], raw.float() / 255)
+    assert set(batch["mask"].unique().tolist()) <= {0, 1}
+    torch.testing.assert_close(
+        (batch["mask"] << torch.arange(4, dtype=torch.uint8)[:, None, None]).sum(1, dtype=torch.uint8), packed
+    )
     torch.testing.assert_close(batch["label"], batch["mask"].flatten(2).amax(2).float())
+    assert prepare_batch(batch) is batch and batch["mask"].shape == (4, 4, 64, 160)  # idempotent
     val = next(iter(dm.val_dataloader()))
     assert val["image"].shape == (4, 1, 64, 320)  # full native image; the model resizes to input_size itself
 
@@ -66,22 +84,29 @@ def test_datamodule_split_and_batches(synth_dir: Path, folds_csv: Path) -> None:
 def test_train_resize(synth_dir: Path, folds_csv: Path) -> None:
     dm = _dm(synth_dir, folds_csv, train_resize=[32, 160], augment="none")
     item = dm.train_set[0]
-    assert item["image"].shape == (1, 32, 160) and item["mask"].shape == (4, 32, 160)
-    assert set(np.unique(item["mask"].numpy())) <= {0, 1}
+    assert item["image"].shape == (1, 32, 160) and item["mask"].shape == (32, 160)
+    assert set(np.unique(item["mask"].numpy())) <= set(range(16))
 
 
 @pytest.mark.parametrize("name", sorted(AUGMENTS))
 def test_named_pipelines_keep_shapes_and_binary_masks(
     name: str, synth_dir: Path, table: pd.DataFrame, seeded: None
 ) -> None:
-    ds = SteelDataset(
-        synth_dir / "train_images", table, transform=build_train_transform(name, crop=[64, 128])
-    )
-    for i in range(6):
+    transform = build_train_transform(name, crop=[64, 128], defect_crop_p=1.0)
+    ds = SteelDataset(synth_dir / "train_images", table, transform=transform)
+    defects = 0
+    for i in range(12):
         item = ds[i]
-        assert item["image"].shape == (1, 64, 128) and item["mask"].shape == (4, 64, 128)
-        assert set(np.unique(item["mask"].numpy())) <= {0, 1}
-        assert 0.0 <= item["image"].min() and item["image"].max() <= 1.0
+        assert item["image"].shape == (1, 64, 128) and item["mask"].shape == (64, 128)
+        assert item["image"].dtype == torch.uint8 and item["mask"].dtype == torch.uint8
+        masks = unpack_masks(item["mask"])
+        assert item["label"].tolist() == masks.flatten(1).amax(1).float().tolist()
+        defects += int(masks.any())
+        image = cv2.imread(str(synth_dir / "train_images" / table.ImageId[i]), cv2.IMREAD_GRAYSCALE)
+        runs = RunMasks(table.loc[i, [f"rle_{c}" for c in range(1, 5)]].tolist(), (64, 320))
+        _, out = transform(image, runs)  # 0/1 masks: packing them into bits needs that
+        assert out.shape == (4, 64, 128) and out.dtype == np.uint8 and set(np.unique(out)) <= {0, 1}
+    assert defects >= 4  # the masks went through the augmentations, not only empty ones
 
 
 def test_defect_aware_crop(synth_dir: Path, table: pd.DataFrame, seeded: None) -> None:
@@ -100,6 +125,66 @@ def test_defect_aware_crop(synth_dir: Path, table: pd.DataFrame, seeded: None) -
     assert not all(plain[i]["mask"].any() for i in range(len(plain)) for _ in range(3))
 
 
+def test_defect_aware_crop_window() -> None:
+    image = np.arange(40 * 100, dtype=np.uint8).reshape(40, 100)
+    masks = np.zeros((4, 40, 100), np.uint8)
+    masks[3, 30, 90] = 1  # one defect pixel near the bottom-right corner
+    runs = RunMasks([rle.encode(m) for m in masks], (40, 100))
+    crop = DefectAwareCrop(32, 64, defect_p=1.0)
+    rng = np.random.default_rng(0)
+    for m_in in (masks, runs):
+        for _ in range(20):
+            img, m = crop(image, m_in, rng)
+            assert img.shape == (32, 64) and m.shape == (4, 32, 64) and m[3].sum() == 1 and m.sum() == 1
+            y, x = np.argwhere(m[3])[0]
+            np.testing.assert_array_equal(img[y, x], image[30, 90])  # the window around that pixel
+            assert np.shares_memory(img, image)  # a view: the copy happens after cropping
+    small_img, small_masks = DefectAwareCrop(64, 128)(image, runs, rng)  # smaller input: reflect-padded
+    assert small_img.shape == (64, 128) and small_masks.shape == (4, 64, 128) and small_masks[3].sum() >= 1
+
+
+def test_pack_unpack_round_trip() -> None:
+    rng = np.random.default_rng(0)
+    masks = (rng.random((4, 5, 7)) < 0.3).astype(np.uint8)
+    masks[1] = 0
+    packed = pack_masks(masks)
+    assert packed.dtype == np.uint8 and packed.shape == (5, 7)
+    np.testing.assert_array_equal(unpack_masks(torch.from_numpy(packed)).numpy(), masks)
+    batch = torch.from_numpy(np.stack([packed, pack_masks(masks[::-1].copy())]))
+    np.testing.assert_array_equal(unpack_masks(batch).numpy(), np.stack([masks, masks[::-1]]))
+
+
+def test_crop_of_runs_equals_crop_of_arrays(synth_dir: Path, table: pd.DataFrame) -> None:
+    """A crop decoded from the RLE runs (what the dataset does) = the same window of the fully decoded masks."""
+    crop = DefectAwareCrop(32, 96)
+    for i in range(8):
+        masks = masks_of(table.iloc[i], (64, 320))
+        runs = RunMasks(table.loc[i, [f"rle_{c}" for c in range(1, 5)]].tolist(), (64, 320))
+        image = np.zeros((64, 320), np.uint8)
+        a = crop(image, masks, np.random.default_rng(i))[1]
+        b = crop(image, runs, np.random.default_rng(i))[1]
+        np.testing.assert_array_equal(a, b)
+
+
+def test_workers_draw_different_augmentations_and_runs_repeat(synth_dir: Path, table: pd.DataFrame) -> None:
+    """Each DataLoader worker has its own generator (seeded from torch's per-worker seed): two workers given
+    the same image crop different windows; the same torch seed gives the same batches again."""
+    same = table.iloc[[0] * 8].reset_index(drop=True)
+    same.attrs = table.attrs
+    ds = SteelDataset(
+        synth_dir / "train_images", same, transform=build_train_transform("light", crop=[32, 64])
+    )
+
+    def epoch() -> torch.Tensor:
+        torch.manual_seed(0)
+        loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=2)
+        return torch.cat([b["image"] for b in loader])
+
+    first = epoch()
+    assert len({tuple(first[i].flatten().tolist()) for i in range(8)}) > 4  # not one crop per worker step
+    torch.testing.assert_close(epoch(), first)
+
+
 def test_bad_sizes_and_names() -> None:
     with pytest.raises(SteelError, match="train_crop"):
         build_train_transform("light", crop=[64, 100])
@@ -112,24 +197,25 @@ def test_bad_sizes_and_names() -> None:
 def test_defect_blackout_removes_one_class() -> None:
     rng = np.random.default_rng(0)
     image = (100 + rng.normal(0, 3, (32, 64))).clip(0, 255).astype(np.uint8)
-    masks = np.zeros((32, 64, 4), np.uint8)
-    masks[10:20, 10:30, 2] = 1
+    masks = np.zeros((4, 32, 64), np.uint8)
+    masks[2, 10:20, 10:30] = 1
     image[10:20, 10:30] = 250  # a bright defect of class 3
-    np.random.seed(0)
-    out, out_masks = DefectBlackout(p=1.0, dilate=1)(image, masks)
-    assert out_masks[..., 2].sum() == 0 and out_masks.sum() == 0
+    out, out_masks = DefectBlackout(p=1.0, dilate=1)(image, masks, rng)
+    assert out_masks[2].sum() == 0 and out_masks.sum() == 0
     assert abs(float(np.median(out[10:20, 10:30])) - 100) < 5  # filled with background, not the defect
     np.testing.assert_array_equal(out[25:], image[25:])  # far pixels untouched
-    assert masks[..., 2].sum() == 200  # input not modified
+    assert masks[2].sum() == 200  # input not modified
     # with two classes only one goes, and the other's pixels stay as they were
-    masks[0:5, 40:60, 0] = 1
-    for seed in range(5):
-        np.random.seed(seed)
-        out, out_masks = DefectBlackout(p=1.0)(image, masks)
-        kept = out_masks.reshape(-1, 4).any(0)
+    masks[0, 0:5, 40:60] = 1
+    gone = set()
+    for seed in range(8):
+        out, out_masks = DefectBlackout(p=1.0)(image, masks, np.random.default_rng(seed))
+        kept = out_masks.any(axis=(1, 2))
         assert kept.sum() == 1
         c = int(np.flatnonzero(kept)[0])
-        assert (out[masks[..., c] == 1] == image[masks[..., c] == 1]).all()
+        gone.add(2 - c)
+        assert (out[masks[c] == 1] == image[masks[c] == 1]).all()
+    assert gone == {0, 2}  # either class can go
     # p=0 and defect-free images are returned unchanged
     assert DefectBlackout(p=0.0)(image, masks)[0] is image
     assert DefectBlackout(p=1.0)(image, np.zeros_like(masks))[0] is image
@@ -138,9 +224,14 @@ def test_defect_blackout_removes_one_class() -> None:
 def test_blackout_in_dataset_drops_label(synth_dir: Path, table: pd.DataFrame) -> None:
     one = table[table[[f"has_{c}" for c in range(1, 5)]].sum(axis=1) == 1].head(3).reset_index(drop=True)
     one.attrs = table.attrs
-    ds = SteelDataset(synth_dir / "train_images", one, blackout=DefectBlackout(p=1.0))
+    ds = SteelDataset(
+        synth_dir / "train_images", one, transform=build_train_transform("none", blackout_p=1.0)
+    )
     for i in range(len(one)):
-        assert ds[i]["label"].sum() == 0 and ds[i]["mask"].sum() == 0
+        item = ds[i]
+        assert item["label"].sum() == 0 and item["mask"].sum() == 0
+        original = cv2.imread(str(synth_dir / "train_images" / one.ImageId[i]), cv2.IMREAD_GRAYSCALE)
+        assert (item["image"][0].numpy() != original).any()  # the defect was painted over
 
 
 def _has(n_free: int = 10) -> np.ndarray:
@@ -216,6 +307,7 @@ def test_user_mistakes(synth_dir: Path, folds_csv: Path, tmp_path: Path) -> None
 def test_predict_set(synth_dir: Path, folds_csv: Path) -> None:
     dm = SteelDataModule(str(synth_dir), str(folds_csv), 0, batch_size=5, num_workers=0, pin_memory=False)
     dm.setup("predict")
-    batch = next(iter(dm.predict_dataloader()))
+    batch = dm.on_after_batch_transfer(next(iter(dm.predict_dataloader())), 0)
     assert batch["image"].shape == (5, 1, 64, 320) and "mask" not in batch
+    assert batch["image"].dtype == torch.float32 and 0 <= batch["image"].min() <= batch["image"].max() <= 1
     assert len(dm.predict_set) == 20

@@ -18,12 +18,8 @@ def test_round_trip(mask):
 def test_known_strings_by_hand():
     # 3x4 image, pixels numbered down the columns: col0 = 1,2,3 ; col1 = 4,5,6 ; ...
     m = rle.decode("2 3 9 2", (3, 4))
-    expected = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [1, 0, 1, 0]], np.uint8)
-    expected[:, :] = 0
-    expected[1:, 0] = 1  # pixels 2, 3
-    expected[0, 1] = 1  # pixel 4
-    expected[2, 2] = 1  # pixel 9
-    expected[0, 3] = 1  # pixel 10
+    # pixels 2, 3 (column 0, rows 1-2), 4 (column 1, row 0), 9 (column 2, row 2), 10 (column 3, row 0)
+    expected = np.array([[0, 1, 0, 1], [1, 0, 0, 0], [1, 0, 1, 0]], np.uint8)
     assert np.array_equal(m, expected)
     assert rle.encode(expected) == "2 3 9 2"
     assert rle.encode(np.ones((2, 2))) == "1 4"
@@ -56,3 +52,31 @@ def test_kaggle_shape_default():
 def test_malformed_rejected(bad, reason):
     with pytest.raises(ValueError, match=reason):
         rle.decode(bad, (3, 4))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    arrays(
+        np.uint8,
+        st.tuples(st.integers(1, 3), st.integers(1, 12), st.integers(1, 30)),
+        elements=st.integers(0, 1),
+    ),
+    st.data(),
+)
+def test_run_masks_window_equals_slice_of_decode(masks, data):
+    C, H, W = masks.shape
+    runs = rle.RunMasks([rle.encode(m) for m in masks], (H, W))
+    np.testing.assert_array_equal(runs.decode(), masks)
+    assert runs.areas.tolist() == masks.sum(axis=(1, 2)).tolist()
+    assert runs.present.tolist() == np.flatnonzero(masks.any(axis=(1, 2))).tolist()
+    y0, x0 = data.draw(st.integers(0, H - 1)), data.draw(st.integers(0, W - 1))
+    h, w = data.draw(st.integers(1, H - y0)), data.draw(st.integers(1, W - x0))
+    np.testing.assert_array_equal(runs.window(y0, x0, h, w), masks[:, y0 : y0 + h, x0 : x0 + w])
+    for c in runs.present:  # pixel k = the k-th defect pixel in Kaggle (column-major) order
+        xs, ys = np.nonzero(masks[c].T)
+        assert [runs.pixel(c, k) for k in range(int(runs.areas[c]))] == list(zip(ys.tolist(), xs.tolist()))
+
+
+def test_run_masks_rejects_malformed():
+    with pytest.raises(ValueError, match="overlap"):
+        rle.RunMasks(["", "1 5 3 1"], (3, 4))
