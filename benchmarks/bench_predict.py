@@ -111,15 +111,16 @@ def large(args: argparse.Namespace) -> None:
     tta = args.tta.split(",")
     n = min(args.measure_n, args.large_n)
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n, 256, 1600), dtype=torch.uint8, generator=g)
+    h, w = args.large_size
+    images = torch.randint(0, 256, (n, h, w), dtype=torch.uint8, generator=g)
     if device.startswith("cuda"):
         images = images.pin_memory()
     t = time.perf_counter()
-    eager, exported = build(args.folds, tta, args.arch, args.encoder, None, (256, 1600), device)
+    eager, exported = build(args.folds, tta, args.arch, args.encoder, None, (h, w), device)
     built = time.perf_counter() - t
     name = torch.cuda.get_device_name() if device.startswith("cuda") else "cpu"
     print(
-        f"{name}: {n} images 256x1600 timed (projected to {args.large_n}), {args.arch}/{args.encoder} x "
+        f"{name}: {n} images {h}x{w} timed (projected to {args.large_n}), {args.arch}/{args.encoder} x "
         f"{args.folds} folds x TTA {','.join(tta)} = {args.folds * len(tta)} forward passes an image, "
         f"batch {args.batch}, fp32, post-processing on; build + export {built:.1f} s"
     )
@@ -148,7 +149,8 @@ def main() -> None:
     )
     p.add_argument("--device", default="cuda")
     p.add_argument("--large-n", type=int, default=5506, help="images the timing is projected to")
-    p.add_argument("--measure-n", type=int, default=256, help="images actually timed at 256x1600")
+    p.add_argument("--measure-n", type=int, default=256, help="images actually timed (--large-size)")
+    p.add_argument("--large-size", type=int, nargs=2, default=[256, 1600], metavar=("H", "W"))
     p.add_argument("--arch", default="Unet")
     p.add_argument("--encoder", default="resnet34")
     p.add_argument("--folds", type=int, default=10)

@@ -77,6 +77,6 @@ else
     --crop 64 128 --n-images 8 --height 64 --width 320 --steps 1 --warmup 1 --rounds 1 --channels-last both \
     --workers 1 --repeats 1
   step bench_predict 600 "$PY" benchmarks/bench_predict.py --large --device cpu --measure-n 2 --large-n 10 \
-    --folds 2 --tta none,hflip --encoder resnet18 --repeats 1 --batch 2
+    --large-size 64 320 --folds 2 --tta none,hflip --encoder resnet18 --repeats 1 --batch 2
 fi
 echo "gpu_check: $(( $(date +%s) - T0 )) s in all; logs in $OUT" | tee -a "$SUMMARY"
