@@ -1,10 +1,9 @@
-"""Ensembles: TTA flips, fold/member averaging (mean, temperature, weights), blends of OOF stores and
+"""Blends of runs: ensemble specs (run dirs, ensemble.yaml) -> ``steel.ensemble.Ensemble``, OOF blending and
 checkpoint weight averaging.
 
-One definition of the ensemble forward serves OOF prediction (``predict_batch``), eager prediction
-(``steel predict DIR``) and the exported TorchScript file (``steel export``): ``Member`` (the fold nets of one
-run, its input size and TTA) and ``Ensemble`` (members, blending, tuned post-processing) are nn.Modules
-that are run as they are or ``torch.jit.script``-ed around traced fold nets.
+The ensemble forward itself (``Member``: the fold nets of one run, its input size and TTA; ``Ensemble``:
+members, blending, tuned post-processing) lives in ``steel.ensemble``, the one inference path that OOF
+prediction, validation, eager prediction (``steel predict DIR``) and the export share.
 
 Blending rule (the same for the OOF blend and for prediction): a fold model's probabilities are averaged
 over its TTA at the model input size, resized back to the image size, then raised to the power ``t``
@@ -20,6 +19,8 @@ was made with another TTA (``--tta``) or whose folds are weight-averaged (``--av
 recomputed into DIR/members/<i>-<name>/oof; the member's own run dir is never modified.
 """
 
+from __future__ import annotations
+
 import argparse
 import os
 from pathlib import Path
@@ -27,200 +28,20 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
+import yaml
+from tqdm import tqdm
 
 from steel import N_CLASSES
+from steel.ensemble import Ensemble, Member, normalise_weights, parse_tta
 from steel.errors import SteelError
-from steel.postprocess import postprocess_torch
+from steel.io import atomic_path, write_text
+from steel.module import load_model
+from steel.oof import OOFStore, OOFWriter, build_oof
+from steel.postprocess import THRESHOLDS_FILE, Params
+from steel.rundir import fold_checkpoints
 
 ENSEMBLE_FILE = "ensemble.yaml"
-MODES = ("mean", "temperature")
-
-TTA: dict[str, tuple] = {
-    "none": (lambda x: x, lambda y: y),
-    "hflip": (lambda x: x.flip(-1), lambda y: y.flip(-1)),
-    "vflip": (lambda x: x.flip(-2), lambda y: y.flip(-2)),
-}
-
-
-def parse_tta(spec: str | list[str] | None) -> list[str]:
-    """'none,hflip,vflip' -> ['none', 'hflip', 'vflip']; SteelError for an unknown name."""
-    names = [
-        t.strip() for t in (spec.split(",") if isinstance(spec, str) else (spec or ["none"])) if t.strip()
-    ]
-    bad = [t for t in names if t not in TTA]
-    if bad:
-        raise SteelError(f"unknown TTA {bad[0]!r}; choose from {', '.join(TTA)}")
-    if len(set(names)) != len(names):
-        raise SteelError(f"TTA {','.join(names)}: a transform is listed twice")
-    return names or ["none"]
-
-
-# ---- the ensemble forward (eager and TorchScript) -------------------------------------------------------
-class Member(nn.Module):
-    """The fold nets of one run: x float (B, 1, H, W) in [0, 1] -> (mask probs (B, 4, H, W), class probs (B, 4)).
-
-    Each fold net sees the image resized (bilinear) to ``input_size`` (or padded to multiples of 32 when None),
-    its sigmoid outputs are averaged over the TTA flips (flipped back), the maps resized back to (H, W) and
-    raised to ``power``; the result is the mean over the folds.
-    """
-
-    input_size: list[int] | None
-    tta: list[str]
-    power: float
-
-    def __init__(
-        self,
-        nets: list[nn.Module],
-        input_size: list[int] | tuple[int, int] | None = None,
-        tta: list[str] | tuple[str, ...] = ("none",),
-        power: float = 1.0,
-    ) -> None:
-        super().__init__()
-        if not nets:
-            raise SteelError("a member needs at least one fold net")
-        self.nets = nn.ModuleList(nets)
-        self.input_size = [int(v) for v in input_size] if input_size is not None else None
-        self.tta = parse_tta(list(tta))
-        self.power = float(power)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h, w = x.shape[-2], x.shape[-1]
-        size = self.input_size
-        if size is not None and (size[0] != h or size[1] != w):
-            xin = F.interpolate(x, size=(size[0], size[1]), mode="bilinear", align_corners=False)
-        else:
-            ph, pw = (32 - h % 32) % 32, (32 - w % 32) % 32
-            xin = F.pad(x, (0, pw, 0, ph), mode="replicate") if ph > 0 or pw > 0 else x
-        n_tta = float(len(self.tta))
-        masks = torch.zeros(0, device=x.device)
-        cls = torch.zeros(0, device=x.device)
-        first = True
-        for net in self.nets:
-            fold_masks = torch.zeros(0, device=x.device)
-            fold_cls = torch.zeros(0, device=x.device)
-            first_tta = True
-            for name in self.tta:
-                xi = xin
-                if name == "hflip":
-                    xi = xin.flip(-1)
-                elif name == "vflip":
-                    xi = xin.flip(-2)
-                out = net(xi)
-                p = torch.sigmoid(out["mask"].float())
-                if name == "hflip":
-                    p = p.flip(-1)
-                elif name == "vflip":
-                    p = p.flip(-2)
-                c = torch.sigmoid(out["label"].float())
-                if first_tta:
-                    fold_masks, fold_cls, first_tta = p, c, False
-                else:
-                    fold_masks, fold_cls = fold_masks + p, fold_cls + c
-            fold_masks, fold_cls = fold_masks / n_tta, fold_cls / n_tta
-            if fold_masks.shape[-2] != h or fold_masks.shape[-1] != w:
-                if size is not None and (size[0] != h or size[1] != w):
-                    fold_masks = F.interpolate(fold_masks, size=(h, w), mode="bilinear", align_corners=False)
-                else:
-                    fold_masks = fold_masks[..., :h, :w]
-            if self.power != 1.0:
-                fold_masks, fold_cls = fold_masks.pow(self.power), fold_cls.pow(self.power)
-            if first:
-                masks, cls, first = fold_masks, fold_cls, False
-            else:
-                masks, cls = masks + fold_masks, cls + fold_cls
-        k = float(len(self.nets))
-        return masks / k, cls / k
-
-
-class Ensemble(nn.Module):
-    """Members + blending + the tuned post-processing, on uint8 images.
-
-    forward(images uint8 (B, H, W) grey or (B, H, W, 3) RGB) -> (masks bool (B, 4, H, W), class probs
-    float32 (B, 4), blended mask probs float32 (B, 4, H, W)). RGB is converted to grey like OpenCV
-    (fixed point: (9798 R + 19235 G + 3735 B + 16384) >> 15, bit-exact with cv2.cvtColor RGB2GRAY).
-    """
-
-    weights: list[float]
-    soft: bool
-
-    def __init__(self, members: list[Member], weights: list[float] | None = None, params: Any = None) -> None:
-        super().__init__()
-        from steel.postprocess import Params
-
-        self.members = nn.ModuleList(members)
-        self.weights = normalise_weights(weights, len(members))
-        params = params if params is not None else Params.uniform()
-        arr = params.arrays()
-        self.register_buffer("label_thr", torch.tensor(arr["label"], dtype=torch.float32))
-        self.register_buffer("pixel_thr", torch.tensor(arr["pixel"], dtype=torch.float32))
-        self.register_buffer("min_area", torch.tensor(arr["min_area"], dtype=torch.float64))
-        self.register_buffer("min_component", torch.tensor(arr["min_component"], dtype=torch.float64))
-        self.soft = params.mode == "soft"
-
-    def to_input(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, H, W) or (B, H, W, 3) -> float (B, 1, H, W) in [0, 1]."""
-        if images.dtype != torch.uint8:
-            raise RuntimeError("steel ensemble: images must be uint8 (B, H, W) grey or (B, H, W, 3) RGB")
-        if images.dim() == 4 and images.shape[-1] == 3:
-            rgb = images.to(torch.int32)
-            grey = (rgb[..., 0] * 9798 + rgb[..., 1] * 19235 + rgb[..., 2] * 3735 + 16384) >> 15
-            return (grey.float() / 255.0).unsqueeze(1)
-        if images.dim() == 3:
-            return (images.float() / 255.0).unsqueeze(1)
-        raise RuntimeError("steel ensemble: images must be uint8 (B, H, W) grey or (B, H, W, 3) RGB")
-
-    def probs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x float (B, 1, H, W) in [0, 1] -> blended (mask probs (B, 4, H, W), class probs (B, 4))."""
-        masks = torch.zeros(0, device=x.device)
-        cls = torch.zeros(0, device=x.device)
-        i = 0
-        for member in self.members:
-            m, c = member(x)
-            wt = self.weights[i]
-            if i == 0:
-                masks, cls = m * wt, c * wt
-            else:
-                masks, cls = masks + m * wt, cls + c * wt
-            i += 1
-        return masks, cls
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        probs, cls = self.probs(self.to_input(images))
-        masks = postprocess_torch(
-            probs, cls, self.label_thr, self.pixel_thr, self.min_area, self.min_component, self.soft, 1
-        )
-        return masks, cls, probs
-
-
-@torch.no_grad()
-def predict_batch(
-    net: torch.nn.Module,
-    x: torch.Tensor,
-    input_size: tuple[int, int] | list[int] | None = None,
-    tta: list[str] = ("none",),
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask probs (B, 4, H, W) and class probs (B, 4) of one net on x (B, 1, H, W) float in [0, 1].
-
-    The ``Member`` forward of a single fold (resize to ``input_size`` or pad to 32, TTA mean, resize back),
-    so OOF stores, eager prediction and exported files compute the same thing.
-    """
-    return Member([net], input_size, list(tta))(x)
-
-
-def normalise_weights(weights: list[float] | None, n: int) -> list[float]:
-    """Member weights normalised to sum 1 (None: equal); SteelError for a wrong count or bad values."""
-    if weights is None:
-        return [1.0 / n] * n
-    w = [float(v) for v in weights]
-    if len(w) != n:
-        raise SteelError(f"--weights has {len(w)} values for {n} members")
-    if any(not np.isfinite(v) or v < 0 for v in w) or sum(w) <= 0:
-        raise SteelError(
-            f"--weights {','.join(map(str, weights))}: need finite values >= 0 with a positive sum"
-        )
-    return [v / sum(w) for v in w]
+MODES = ("mean", "temperature")  # blending modes (gating modes are steel.postprocess.MODES)
 
 
 def parse_weights(spec: str | None) -> list[float] | None:
@@ -234,28 +55,9 @@ def parse_weights(spec: str | None) -> list[float] | None:
 
 
 # ---- run and ensemble directories -----------------------------------------------------------------------
-def _fold_checkpoints(run_dir: Path, name: str = "best.ckpt") -> list[Path]:
-    """fold-K/<name> for every fold of RUN_DIR/folds.csv (or of the fold-K dirs); SteelError if one is missing."""
-    from steel.folds import load_folds
-
-    if (run_dir / "folds.csv").is_file():
-        n = int(load_folds(run_dir / "folds.csv")["fold"].max()) + 1
-    else:
-        n = len(list(run_dir.glob("fold-*/")))
-    if n == 0:
-        raise SteelError(f"{run_dir}: not a run dir (no folds.csv, no fold-K/ dirs)")
-    ckpts = [run_dir / f"fold-{k}" / name for k in range(n)]
-    missing = [c for c in ckpts if not c.is_file()]
-    if missing:
-        raise SteelError(f"{missing[0]}: checkpoint missing ({len(missing)} of {n} folds)")
-    return ckpts
-
-
 def run_member(run_dir: str | os.PathLike) -> dict[str, Any]:
     """Member description of a run dir: the checkpoints and TTA its OOF store was made with (best.ckpt / none
     when it has no store), its OOF dir, and the image size."""
-    from steel.oof import OOFStore
-
     run_dir = Path(run_dir).resolve()
     if (run_dir / ENSEMBLE_FILE).is_file():
         raise SteelError(
@@ -266,7 +68,7 @@ def run_member(run_dir: str | os.PathLike) -> dict[str, Any]:
         meta = OOFStore(run_dir).meta
     ckpts = [Path(c) for c in meta.get("checkpoints") or []]
     if not ckpts or not all(c.is_file() for c in ckpts):  # a moved run dir: same file names under fold-K/
-        ckpts = _fold_checkpoints(run_dir, ckpts[0].name if ckpts else "best.ckpt")
+        ckpts = fold_checkpoints(run_dir, ckpts[0].name if ckpts else "best.ckpt")
     size = [int(meta["height"]), int(meta["width"])] if "height" in meta else None
     oof = str(run_dir / "oof") if meta else None
     return {
@@ -281,8 +83,6 @@ def run_member(run_dir: str | os.PathLike) -> dict[str, Any]:
 def ensemble_spec(path: str | os.PathLike) -> dict[str, Any]:
     """What to build from a run dir or an ensemble dir: {"kind", "source", "members": [{"run_dir",
     "checkpoints", "tta", "weight"}], "mode", "temperature", "image_size" [H, W] or None}."""
-    import yaml
-
     path = Path(path)
     if not path.is_dir():
         raise SteelError(f"{path}: not a directory (expected a run dir or an ensemble dir)")
@@ -334,9 +134,6 @@ def build_ensemble(
 ) -> tuple[Ensemble, dict[str, Any]]:
     """Eager Ensemble (eval mode) of a run dir or an ensemble dir with its thresholds.json, and its spec
     (``ensemble_spec`` plus per member "input_size", "in_channels", "arch", "encoder")."""
-    from steel.module import load_model
-    from steel.postprocess import Params
-
     spec = ensemble_spec(path)
     params = Params.load(path) if params is None else params
     members = []
@@ -358,6 +155,25 @@ def build_ensemble(
 
 
 # ---- checkpoint weight averaging ------------------------------------------------------------------------
+def average_checkpoints(paths: list[str | Path], out: str | Path, template: str | Path | None = None) -> Path:
+    """Average the float weights of checkpoints (12th place trick) into ``out`` (a full checkpoint: the
+    template's, default the first path's, with the averaged state_dict; its fold/split record included)."""
+    if not paths:
+        raise SteelError("no checkpoints to average")
+    states = [torch.load(p, map_location="cpu", weights_only=False)["state_dict"] for p in paths]
+    ckpt = torch.load(template or paths[0], map_location="cpu", weights_only=False)
+    avg = {}
+    for key, value in states[0].items():
+        if torch.is_floating_point(value):
+            avg[key] = torch.stack([s[key].float() for s in states]).mean(0).to(value.dtype)
+        else:
+            avg[key] = ckpt["state_dict"][key]
+    ckpt["state_dict"] = avg
+    with atomic_path(out, ".ckpt") as tmp:
+        torch.save(ckpt, tmp)
+    return Path(out)
+
+
 def topk_checkpoints(fold_dir: Path, k: int) -> list[Path]:
     """The k best checkpoints of fold_dir/topk/ (scores from last.ckpt's ModelCheckpoint state when there are
     more than k files); SteelError when the fold has fewer than k."""
@@ -422,10 +238,6 @@ def blend_stores(
     Streams rows in chunks of ~``chunk_mb`` float32 per member (dequantise, blend, requantise on write).
     ``check_truth``: compare every member's truth with the first's (SteelError naming the first bad image).
     """
-    from tqdm import tqdm
-
-    from steel.oof import OOFWriter
-
     ref = stores[0]
     n = len(ref)
     row_bytes = 4 * int(np.prod(ref.masks.shape[1:]))
@@ -487,11 +299,6 @@ def blend(
     device: str | None = None,
 ) -> Path:
     """Blend runs into an ensemble dir ``out`` (oof/ + ensemble.yaml); see the module docstring."""
-    import yaml
-
-    from steel.io import write_text
-    from steel.oof import OOFStore, build_oof
-
     out = Path(out).resolve()
     if not run_dirs:
         raise SteelError("no run dirs to blend")
@@ -518,6 +325,13 @@ def blend(
     stores = [OOFStore(m["oof"]) for m in members]
     check_compatible(stores, [str(r) for r in run_dirs])
     want_tta = parse_tta(tta) if tta else None
+    # from here on the previous blend in `out` is stale: its thresholds (tuned on the old oof/) and its
+    # ensemble.yaml go first, so that a crash below cannot leave them beside a new oof/ (the old oof/ itself
+    # is replaced only once the new one is complete)
+    for stale in (out / THRESHOLDS_FILE, out / ENSEMBLE_FILE):
+        if stale.is_file():
+            stale.unlink()
+            print(f"blend: removed {stale} (made for the previous blend)")
 
     # members whose OOF does not match what the ensemble will run get it recomputed inside `out`
     for i, (m, st) in enumerate(zip(members, stores)):
@@ -530,8 +344,6 @@ def blend(
         name = "best.ckpt"
         ckpts = [Path(c) for c in m["checkpoints"]]
         if average_top_k:
-            from steel.module import average_checkpoints
-
             name = f"avg{average_top_k}.ckpt"
             avg = []
             for k, ck in enumerate(ckpts):
@@ -594,10 +406,6 @@ def blend(
         "# checkpoints and per-member TTA; `steel export` / `steel predict` run the same. Tune: steel sweep DIR\n"
     )
     write_text(out / ENSEMBLE_FILE, header + yaml.safe_dump(spec, sort_keys=False))
-    stale = out / "thresholds.json"
-    if stale.is_file():
-        stale.unlink()
-        print(f"blend: removed {stale} (tuned on the previous blend)")
     desc = (
         f"{mode}"
         + (f" t={t:g}" if mode == "temperature" else "")

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     name = argv[0]
     try:
         if _is_lightning(argv):
-            from steel.module import cli_main
+            from steel.train_cli import cli_main
 
             cli_main(argv)
             return 0

@@ -1,10 +1,15 @@
-"""Atomic file writes: write to a temporary file beside the target, then rename."""
+"""Atomic, durable writes: write to a temporary file (or directory) beside the target, fsync it, rename it
+into place, then fsync the parent directory, so that after a crash the target is either the old or the new
+content, never a mix, and a completed write survives a power loss."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,9 +20,33 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or a directory (a directory's fsync makes the renames inside it durable)."""
+    is_dir = Path(path).is_dir()
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if is_dir else 0))
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on directories; the data itself was synced
+        if not is_dir:
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """fsync every file under a directory, then the directories themselves (deepest first)."""
+    dirs = []
+    for root, _, files in os.walk(path):
+        dirs.append(root)
+        for name in files:
+            fsync_path(Path(root) / name)
+    for d in reversed(dirs):
+        fsync_path(d)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it onto ``path`` if the block succeeds."""
+    """Yield a temporary path beside ``path``; if the block succeeds it is fsynced and renamed onto ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
@@ -26,7 +55,9 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
     try:
         yield tmp_path
+        fsync_path(tmp_path)
         os.replace(tmp_path, path)
+        fsync_path(path.parent)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
@@ -48,22 +79,50 @@ def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # no libc or glibc < 2.28
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    rc = renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange)
+    return rc == 0
+
+
+def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Make the complete directory ``src`` (beside ``dst``) become ``dst``: its files are fsynced, then it is
+    swapped with the old ``dst`` in one atomic step where the OS allows (else two renames), and the old one
+    removed. Readers see the old directory until the new one is in place, never neither."""
+    src, dst = Path(src), Path(dst)
+    fsync_tree(src)
+    if dst.exists() and _exchange(src, dst):
+        shutil.rmtree(src, ignore_errors=True)  # src now holds the old directory
+    elif dst.exists():
+        old = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
+    fsync_path(dst.parent)
+    return dst
+
+
 @contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary directory beside ``path``; it replaces ``path`` if the block succeeds."""
+    """Yield a temporary directory beside ``path``; it replaces ``path`` (``replace_dir``) if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; give the directory the usual permissions
     try:
         yield tmp
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -3,7 +3,8 @@
 Input contract (every caller): x float (B, 1, H, W) in [0, 1] (grey image / 255), H and W multiples of 32.
 Normalisation (ImageNet statistics, grey = mean of the three channels) happens inside as buffers; with
 ``in_channels=3`` the grey channel is repeated inside. Output: {"mask": logits (B, 4, H, W), "label": logits (B, 4)}.
-Trace with ``torch.jit.trace(net, x, strict=False)`` (the output is a dict).
+Trace with ``torch.jit.trace(net, x, strict=False)`` (the output is a dict). Resizing/padding native images to
+the net's input size, TTA and the probabilities at native size: ``steel.ensemble``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from typing import Any
 
 import segmentation_models_pytorch as smp
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from steel import N_CLASSES
@@ -99,34 +99,3 @@ class TwoHeadNet(nn.Module):
         x = (x - self.mean) / self.std
         mask, label = self.net(x)
         return {"mask": mask, "label": label}
-
-
-def soft_gate(out: dict[str, torch.Tensor]) -> torch.Tensor:
-    """4th place soft gating: sigmoid(mask) * sigmoid(label) per class -> (B, C, H, W) probabilities."""
-    return torch.sigmoid(out["mask"]) * torch.sigmoid(out["label"])[..., None, None]
-
-
-def pad_to_multiple(x: torch.Tensor, multiple: int = 32) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Pad (B, C, H, W) at the bottom/right (replicate) to multiples of ``multiple``; returns (padded, (H, W))."""
-    h, w = x.shape[-2:]
-    ph, pw = (-h) % multiple, (-w) % multiple
-    if ph or pw:
-        x = F.pad(x, (0, pw, 0, ph), mode="replicate")
-    return x, (h, w)
-
-
-def run_at_size(
-    net: nn.Module, x: torch.Tensor, input_size: tuple[int, int] | list[int] | None = None
-) -> dict[str, torch.Tensor]:
-    """Run ``net`` on native images x (B, 1, H, W): resize to ``input_size`` (bilinear) if given, else pad to
-    multiples of 32; mask logits come back at (H, W)."""
-    h, w = x.shape[-2:]
-    if input_size is not None and tuple(input_size) != (h, w):
-        out = net(F.interpolate(x, size=tuple(input_size), mode="bilinear", align_corners=False))
-        return {
-            "mask": F.interpolate(out["mask"], size=(h, w), mode="bilinear", align_corners=False),
-            "label": out["label"],
-        }
-    xp, _ = pad_to_multiple(x)
-    out = net(xp)
-    return {"mask": out["mask"][..., :h, :w], "label": out["label"]}

@@ -19,7 +19,10 @@ import pandas as pd
 
 from steel import N_CLASSES
 from steel.errors import SteelError
-from steel.io import read_json, write_json
+from steel.folds import load_folds
+from steel.io import read_json, replace_dir, write_json
+from steel.labels import masks_of, read_train
+from steel.rundir import FOLDS_FILE, check_run, data_dir_of
 
 
 def strided_shape(height: int, width: int, stride: int) -> tuple[int, int]:
@@ -107,13 +110,7 @@ class OOFWriter:
             "classes": N_CLASSES,
         }
         write_json(self.tmp / "meta.json", {**self.meta, **meta})
-        old = self.oof_dir.with_name(f".{self.oof_dir.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if self.oof_dir.exists():
-            os.replace(self.oof_dir, old)
-        os.replace(self.tmp, self.oof_dir)
-        shutil.rmtree(old, ignore_errors=True)
-        return self.oof_dir
+        return replace_dir(self.tmp, self.oof_dir)  # fsynced; the old store stays readable until the swap
 
     def _close_files(self, sync: bool = False) -> None:
         for fd, *_ in self.files.values():
@@ -164,23 +161,6 @@ class OOFStore:
         return self.masks[i].astype(np.float32) / 255.0
 
 
-def _data_dir_of(run_dir: Path) -> str:
-    """data.data_dir from the resolved config of a run (a fold's config.yaml wins over the run's)."""
-    import yaml
-
-    for p in sorted(run_dir.glob("fold-*/config.yaml")) + [run_dir / "config.yaml"]:
-        if p.is_file():
-            cfg = yaml.safe_load(p.read_text()) or {}
-            data = cfg.get("data") or {}
-            data = data.get("init_args", data)
-            if data.get("data_dir"):
-                return str(data["data_dir"])
-            over = (cfg.get("launch") or {}).get("overrides") or []
-            if "--data.data_dir" in over:
-                return over[over.index("--data.data_dir") + 1]
-    raise SteelError(f"{run_dir}: no data.data_dir in its config; pass --data-dir")
-
-
 def build_oof(
     run_dir: str | os.PathLike,
     stride: int | None = None,
@@ -190,27 +170,25 @@ def build_oof(
     device: str | None = None,
     checkpoint: str = "best.ckpt",
 ) -> Path:
-    """Predict every fold's validation images with that fold's checkpoint into ``RUN_DIR/oof/``."""
+    """Predict every fold's validation images with that fold's checkpoint into ``RUN_DIR/oof/``.
+
+    Each checkpoint must have been trained as that fold of the run's folds.csv (``steel.rundir.check_run``:
+    fold number and split hash recorded at fit time), so every row is provably out-of-fold. Probabilities come
+    from ``steel.ensemble`` (the path validation and prediction use)."""
+    # torch, Lightning and the nets only when predicting: OOFStore readers (the sweep) stay light
     import cv2
     import torch
     from tqdm import tqdm
 
-    from steel.blend import parse_tta, predict_batch
-    from steel.folds import load_folds
-    from steel.labels import masks_of, read_train
+    from steel.ensemble import parse_tta, predict_batch
     from steel.module import load_model
 
     run_dir = Path(run_dir)
     tta_names = parse_tta(tta)
-    split = load_folds(run_dir / "folds.csv")
-    n_folds = int(split["fold"].max()) + 1
-    ckpts = [run_dir / f"fold-{k}" / checkpoint for k in range(n_folds)]
-    missing = [str(c) for c in ckpts if not c.is_file()]
-    if missing:
-        raise SteelError(
-            f"{missing[0]}: checkpoint missing ({len(missing)} of {n_folds} folds); finish the folds first"
-        )
-    data_dir = data_dir or _data_dir_of(run_dir)
+    ckpts = check_run(run_dir, checkpoint)
+    split = load_folds(run_dir / FOLDS_FILE)
+    n_folds = len(ckpts)
+    data_dir = data_dir or data_dir_of(run_dir)
     table = read_train(data_dir).set_index("ImageId")
     unknown = sorted(set(split["ImageId"]) - set(table.index))
     if unknown:

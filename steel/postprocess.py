@@ -4,6 +4,9 @@ For class c (params in full-resolution pixels; at a stride s an area of a counts
   1. ``mask = prob_c >= pixel_c`` (hard) or ``prob_c * cls_c >= pixel_c`` (soft gating);
   2. 8-connected components with ``size * s * s < min_component_c`` are removed;
   3. the whole mask is dropped if ``cls_c < label_c`` or its remaining ``area * s * s < min_area_c``.
+Gating ("mode"): hard = step 1 thresholds the mask probability; soft = it thresholds the product with the
+class probability (4th place soft gating); in both the label gate of step 3 applies. The val/dice rule of
+``SteelModule`` is one such ``Params`` (``gating_params``), with "none" meaning hard with no label gate.
 Comparisons are done in the dtype of the probabilities (thresholds are cast to it), so the numpy, torch
 and sweep paths agree bit for bit. ``Params`` reads/writes the ``thresholds.json`` contract.
 
@@ -27,6 +30,7 @@ from steel.errors import SteelError
 from steel.io import read_json, write_json
 
 MODES = ("hard", "soft")
+GATINGS = ("none", "hard", "soft")  # SteelModule's val/dice rules: MODES plus "none" (mask head alone)
 PARAM_KEYS = ("label", "pixel", "min_area", "min_component")
 THRESHOLDS_FILE = "thresholds.json"
 
@@ -124,6 +128,16 @@ class Params:
     def save(self, path: str | os.PathLike, **extra: Any) -> None:
         """Write thresholds.json atomically: ``to_dict()`` plus ``extra`` keys (oof_dice, stride, trials, ...)."""
         write_json(path, {**extra, **self.to_dict()})
+
+
+def gating_params(gating: str = "hard", pixel: float = 0.5, label: float = 0.5) -> Params:
+    """The val/dice decision rule as Params (no min-area, no component removal): ``hard`` / ``soft`` as in
+    ``Params.mode`` with label gate ``label``; ``none`` = hard without a label gate (label 0)."""
+    if gating not in GATINGS:
+        raise SteelError(f"gating {gating!r}: choose one of {', '.join(GATINGS)}")
+    if gating == "none":
+        return Params.uniform(0.0, pixel, 0, 0, "hard")
+    return Params.uniform(label, pixel, 0, 0, gating)
 
 
 def remove_small_components(mask: np.ndarray, min_size: float, stride: int = 1) -> np.ndarray:

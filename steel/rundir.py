@@ -61,20 +61,11 @@ def fold_done(fold_dir: str | os.PathLike) -> bool:
 
 
 def split_record(ckpt_path: str | os.PathLike) -> dict[str, Any] | None:
-    """The {"fold", "split_hash", "folds_csv"} a checkpoint was trained with, or None if it records none."""
-    import torch
+    """The {"fold", "split_hash", "folds_csv"} a checkpoint was trained with, or None if it records none;
+    SteelError naming the file if it is not a readable checkpoint (memory-mapped: the weights are not read)."""
+    from steel.checkpoints import load_checkpoint
 
-    ckpt_path = Path(ckpt_path)
-    if not ckpt_path.is_file():
-        raise SteelError(f"{ckpt_path}: checkpoint not found")
-    try:  # memory-mapped (zip checkpoints): only the small record is read, not the weights
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception:  # noqa: BLE001 - a legacy (non-zip) file cannot be memory-mapped: read it whole
-        try:
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        except Exception as e:  # noqa: BLE001 - any unpickling failure means "not a checkpoint"
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SteelError(f"{ckpt_path}: not a readable checkpoint ({first[:120]})") from None
+    ckpt = load_checkpoint(ckpt_path)
     record = ckpt.get(SPLIT_KEY) if isinstance(ckpt, dict) else None
     return dict(record) if isinstance(record, dict) else None
 

@@ -26,17 +26,23 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
-def save_checkpoint(path: Path, seed: int, input_size: list[int] | None = None, **net: object) -> Path:
-    """A SteelModule checkpoint (hyper_parameters + state_dict) loadable by steel.module.load_model."""
+def save_checkpoint(path: Path, seed: int, input_size: list[int] | None = None, split: dict | None = None,
+                    **net: object) -> Path:  # fmt: skip
+    """A SteelModule checkpoint (hyper_parameters + state_dict) loadable by steel.module.load_model; ``split``
+    (``steel.rundir.split_of(folds_csv, fold)``) is recorded as ``steel fit`` records it."""
     import pytorch_lightning as pl
 
     from steel.module import SteelModule
+    from steel.rundir import SPLIT_KEY
 
     torch.manual_seed(seed)
     model = SteelModule(**{**TINY_NET, **net}, input_size=input_size)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
-                "pytorch-lightning_version": pl.__version__, "epoch": 0, "global_step": 0}, path)  # fmt: skip
+    ckpt = {"state_dict": model.state_dict(), "hyper_parameters": dict(model.hparams),
+            "pytorch-lightning_version": pl.__version__, "epoch": 0, "global_step": 0}  # fmt: skip
+    if split is not None:
+        ckpt[SPLIT_KEY] = split
+    torch.save(ckpt, path)
     return path
 
 
@@ -55,10 +61,11 @@ def make_run(root: Path, name: str, synth_dir: Path, folds_csv: Path, seed: int,
     import yaml
 
     from steel.oof import build_oof
+    from steel.rundir import split_of
 
     run = root / name
     for k in range(3):
-        save_checkpoint(run / f"fold-{k}" / "best.ckpt", seed * 10 + k, input_size)
+        save_checkpoint(run / f"fold-{k}" / "best.ckpt", seed * 10 + k, input_size, split_of(folds_csv, k))
     shutil.copyfile(folds_csv, run / "folds.csv")
     (run / "config.yaml").write_text(yaml.safe_dump({"data": {"data_dir": str(synth_dir)}}))
     if oof:

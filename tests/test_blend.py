@@ -8,8 +8,9 @@ import pytest
 import torch
 import yaml
 
-from steel.blend import blend, predict_batch
+from steel.blend import blend
 from steel.cli import main as steel_main
+from steel.ensemble import predict_batch
 from steel.errors import SteelError
 from steel.oof import OOFStore, OOFWriter
 from tests._ensemble import one_torch_thread, save_checkpoint, tiny_runs  # noqa: F401 (autouse fixture)
@@ -231,3 +232,32 @@ def test_average_top_k_member(runs, tmp_path, synth_dir, folds_csv):
     assert not np.array_equal(OOFStore(out).masks, OOFStore(run).masks)
     with pytest.raises(SteelError, match="top-k checkpoints in topk/, need 3"):
         blend([run], tmp_path / "ens3", average_top_k=3)
+
+
+def test_reblend_drops_stale_thresholds_first_and_keeps_old_oof_until_complete(runs, tmp_path, monkeypatch):
+    """A re-blend that dies while writing its oof/: the old thresholds.json / ensemble.yaml (made for the old
+    blend) are already gone, the old oof/ is intact and readable, and no partial store is left behind."""
+    import steel.oof
+    from tests._ensemble import write_thresholds
+
+    out = blend([runs["a"]], tmp_path / "ens")
+    write_thresholds(out)
+    old = OOFStore(out)
+    old_masks, old_meta = np.array(old.masks), dict(old.meta)
+
+    def crash(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(steel.oof.OOFWriter, "write", crash)
+    with pytest.raises(OSError, match="disk full"):
+        blend([runs["a"], runs["b"]], out)
+    assert not (out / "thresholds.json").exists() and not (out / "ensemble.yaml").exists()
+    kept = OOFStore(out)
+    assert kept.meta == old_meta and np.array_equal(kept.masks, old_masks)
+    assert sorted(p.name for p in out.iterdir()) == ["oof"]  # no .oof.partial / .oof.old
+    monkeypatch.undo()
+    blend([runs["a"], runs["b"]], out)
+    new = OOFStore(out)
+    assert new.meta["members"] == [str(runs["a"].resolve()), str(runs["b"].resolve())]
+    assert np.array_equal(old_masks, np.asarray(OOFStore(runs["a"]).masks))  # old blend of a alone was a
+    assert not np.array_equal(np.asarray(new.masks), old_masks)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from steel.errors import SteelError
-from steel.model import ARCHS, TwoHeadNet, run_at_size, soft_gate
+from steel.model import ARCHS, TwoHeadNet
 
 TINY_ENC = "tu-test_resnet.r160_in1k"
 
@@ -68,28 +68,6 @@ def test_jit_trace_matches_eager(net: TwoHeadNet) -> None:
             eager, script = net(inp), traced(inp)
             torch.testing.assert_close(script["mask"], eager["mask"], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(script["label"], eager["label"], rtol=1e-5, atol=1e-5)
-
-
-def test_soft_gate_by_hand() -> None:
-    out = {"mask": torch.zeros(1, 4, 1, 1), "label": torch.tensor([[0.0, 100.0, -100.0, 0.0]])}
-    gated = soft_gate(out)
-    assert gated.shape == (1, 4, 1, 1)
-    torch.testing.assert_close(gated.flatten(), torch.tensor([0.25, 0.5, 0.0, 0.25]))
-
-
-def test_run_at_size_pads_and_resizes(net: TwoHeadNet) -> None:
-    torch.manual_seed(2)
-    x = torch.rand(1, 1, 50, 300)  # not multiples of 32: padded inside, cropped back
-    with torch.no_grad():
-        out = run_at_size(net, x)
-        assert out["mask"].shape == (1, 4, 50, 300)
-        padded = torch.nn.functional.pad(x, (0, 20, 0, 14), mode="replicate")
-        torch.testing.assert_close(out["mask"], net(padded)["mask"][..., :50, :300])
-        out = run_at_size(net, x, input_size=(32, 160))
-        assert out["mask"].shape == (1, 4, 50, 300) and out["label"].shape == (1, 4)
-        # native multiple-of-32 input goes straight through
-        y = torch.rand(1, 1, 64, 320)
-        torch.testing.assert_close(run_at_size(net, y)["mask"], net(y)["mask"])
 
 
 def test_mask_prior_sets_initial_probability() -> None:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from steel.blend import average_checkpoints
 from steel.errors import SteelError
-from steel.module import SteelModule, _cosine_lambda, average_checkpoints, load_model
+from steel.module import SteelModule, _cosine_lambda, load_model
 
 pytest_plugins = ["tests.conftest_training"]
 
@@ -18,21 +18,29 @@ SMALL = {"encoder": "tu-test_resnet.r160_in1k", "arch_kwargs": {"decoder_channel
 
 
 def test_decide_gating_rules() -> None:
-    # pixel probs 0.6 / 0.4 in two pixels; label probs 0.7 (class 1) and 0.3 (class 2)
-    logit = math.log(0.6 / 0.4)
-    out = {
-        "mask": torch.tensor([logit, -logit]).view(1, 1, 1, 2).repeat(1, 4, 1, 1),
-        "label": torch.tensor([[math.log(0.7 / 0.3), math.log(0.3 / 0.7), 10.0, -10.0]]),
-    }
-    none = SteelModule(**SMALL, gating="none").decide(out)
+    """val/dice decides like steel.postprocess: >= thresholds; soft = product AND label gate; none = no gate."""
+    # pixel probs 0.6 / 0.4 in two pixels; class probs 0.7, 0.3, ~1, ~0
+    probs = torch.tensor([0.6, 0.4]).view(1, 1, 1, 2).repeat(1, 4, 1, 1)
+    cls = torch.tensor([[0.7, 0.3, 1.0 - 1e-6, 1e-6]])
+    none = SteelModule(**SMALL, gating="none").decide(probs, cls)
     assert none[0, :, 0].tolist() == [[True, False]] * 4
-    hard = SteelModule(**SMALL, gating="hard").decide(out)
+    hard = SteelModule(**SMALL, gating="hard").decide(probs, cls)
     assert hard[0, :, 0].tolist() == [[True, False], [False, False], [True, False], [False, False]]
     # soft: 0.6 * 0.7 = 0.42 < 0.5 -> nothing for class 1; 0.6 * ~1 for class 3
-    soft = SteelModule(**SMALL, gating="soft").decide(out)
+    soft = SteelModule(**SMALL, gating="soft").decide(probs, cls)
     assert soft[0, :, 0].tolist() == [[False, False], [False, False], [True, False], [False, False]]
-    soft_low = SteelModule(**SMALL, gating="soft", pixel_threshold=0.4).decide(out)
+    soft_low = SteelModule(**SMALL, gating="soft", pixel_threshold=0.4).decide(probs, cls)
     assert soft_low[0, 0, 0].tolist() == [True, False]
+    # soft keeps the label gate: 1.0 * 0.45 >= 0.4 but 0.45 < label 0.5
+    gated = SteelModule(**SMALL, gating="soft", pixel_threshold=0.4).decide(
+        torch.ones(1, 4, 1, 2), torch.tensor([[0.45, 0.5, 0.45, 0.5]])
+    )
+    assert gated[0, :, 0, 0].tolist() == [False, True, False, True]
+    # a probability equal to the threshold is a defect pixel (>=), as in the sweep and the submission
+    edge = SteelModule(**SMALL, gating="hard").decide(torch.full((1, 4, 1, 1), 0.5), torch.full((1, 4), 0.5))
+    assert edge.all()
+    with pytest.raises(SteelError, match="gating 'maybe'"):
+        SteelModule(**SMALL, gating="maybe")
 
 
 def test_lr_lambda_by_hand() -> None:
