@@ -39,3 +39,51 @@ def test_incomplete_or_failed_write_leaves_nothing(tmp_path):
     assert not (tmp_path / "oof").exists() and not list(tmp_path.glob(".oof*"))
     with pytest.raises(SteelError, match="no OOF store"):
         OOFStore(tmp_path)
+
+
+def _record_fsyncs(monkeypatch) -> list[str]:
+    """Paths fsynced from now on (resolved through /proc/self/fd)."""
+    import os
+
+    synced: list[str] = []
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def test_atomic_writes_fsync_file_and_directory(tmp_path, monkeypatch):
+    from steel.io import write_json
+
+    synced = _record_fsyncs(monkeypatch)
+    write_json(tmp_path / "sub" / "a.json", {"x": 1})
+    assert any(
+        p.startswith(str(tmp_path / "sub" / ".a.json.")) for p in synced
+    )  # the temp file, before rename
+    assert synced[-1] == str(tmp_path / "sub")  # then the directory holding the rename
+    assert (tmp_path / "sub" / "a.json").read_text().strip().startswith("{")
+
+
+def test_store_close_fsyncs_every_file_and_swaps_old_store(tmp_path, monkeypatch):
+    """close() fsyncs every file of the new store, then swaps it with the old one: a reader holding the old
+    store keeps reading it, and afterwards only the new store is there."""
+    n, h, w = 3, 4, 6
+    ids = [f"{i}.jpg" for i in range(n)]
+
+    def store(value: float) -> None:
+        with OOFWriter(tmp_path / "oof", ids, [0, 1, 2], h, w, 1) as wr:
+            wr.write(np.arange(n), np.zeros((n, 4)), np.full((n, 4, h, w), value), np.zeros((n, 4, h, w)))
+
+    store(0.2)
+    old = OOFStore(tmp_path)
+    synced = _record_fsyncs(monkeypatch)
+    store(0.8)
+    names = {p.rsplit("/", 1)[-1] for p in synced}
+    assert {"cls.npy", "masks.npy", "truth.npy", "index.csv", "meta.json"} <= names
+    assert synced[-1] == str(tmp_path)
+    assert int(old.masks.max()) == quantise(np.float32(0.2)) and int(OOFStore(tmp_path).masks.min()) == 204
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["oof"]

@@ -387,3 +387,24 @@ def test_numpy_torch_parity_random(scripted):
             stride,
         )
         assert out.dtype == torch.bool and np.array_equal(out.numpy(), ref)
+
+
+def test_gating_params_one_meaning_per_mode() -> None:
+    """The val/dice rules as Params: hard/soft keep the label gate; none is hard with no label gate."""
+    from steel.postprocess import gating_params
+
+    prob = np.full((4, 2, 2), 0.6, np.float32)
+    cls = np.array([0.3, 0.7, 0.3, 0.7], np.float32)
+    assert gating_params("none", 0.5, 0.5) == Params.uniform(0.0, 0.5, 0, 0, "hard")
+    assert postprocess(prob, cls, gating_params("none")).all()
+    assert postprocess(prob, cls, gating_params("hard")).any((1, 2)).tolist() == [False, True, False, True]
+    # soft: 0.6 * 0.7 = 0.42 passes pixel 0.4; 0.6 * 0.3 = 0.18 does not (its label 0.3 passes the gate 0.2)
+    soft = gating_params("soft", pixel=0.4, label=0.2)
+    assert soft.mode == "soft" and postprocess(prob, cls, soft).any((1, 2)).tolist() == [
+        False,
+        True,
+        False,
+        True,
+    ]
+    with pytest.raises(SteelError, match="gating 'x'"):
+        gating_params("x")
