@@ -3,7 +3,8 @@
 Layout of ``RUN_DIR/oof/`` (written into a temporary directory, renamed into place when complete):
 ``index.csv`` (ImageId, fold, row), ``cls.npy`` float32 (N, 4), ``masks.npy`` uint8 (N, 4, h, w) mask
 probabilities quantised to round(p * 255) at a stride (``[::stride, ::stride]`` of the full map),
-``truth.npy`` uint8 (N, 4, h, w) 0/1, ``meta.json``. Arrays are .npy files opened memory-mapped, so
+``truth.npy`` uint8 (N, 4, h, w) 0/1, ``meta.json``; a strided store written from full-resolution maps
+also has ``hist.npy`` int32 (N, 2, 4, 256), their full-resolution level histograms. Arrays are .npy files opened memory-mapped, so
 neither writing nor reading needs the whole set in RAM.
 """
 
@@ -35,6 +36,17 @@ def quantise(prob: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(prob, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
+def level_histograms(q: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Counts of each quantised level per class over all pixels and over truth pixels: q (C, H, W) uint8,
+    truth (C, H, W) bool -> (2, C, 256) int32. Taken at full resolution by the writer of a strided store, so
+    that the threshold sweep measures areas and Dice at full resolution (``steel.oof_stats``)."""
+    c = q.shape[0]
+    key = q.reshape(c, -1).astype(np.int64) + 256 * np.arange(c)[:, None]
+    every = np.bincount(key.ravel(), minlength=256 * c)
+    true = np.bincount(key[truth.reshape(c, -1)], minlength=256 * c)
+    return np.stack([every, true]).reshape(2, c, 256).astype(np.int32)
+
+
 class OOFWriter:
     """Streams OOF rows into memory-mapped arrays; ``close`` makes the store visible atomically."""
 
@@ -61,8 +73,13 @@ class OOFWriter:
         n = len(self.ids)
         # .npy files of full size; rows go in with pwrite, so written pages sit in the page cache, not in RSS
         self.files = {}
-        for name, dtype, shape in (("cls", np.float32, (n, N_CLASSES)), ("masks", np.uint8, (n, N_CLASSES, h, w)),
-                                   ("truth", np.uint8, (n, N_CLASSES, h, w))):  # fmt: skip
+        specs = [("cls", np.float32, (n, N_CLASSES)), ("masks", np.uint8, (n, N_CLASSES, h, w)),
+                 ("truth", np.uint8, (n, N_CLASSES, h, w))]  # fmt: skip
+        # a strided store keeps the full-resolution level histograms too, if every row comes at full resolution
+        if self.stride > 1:
+            specs.append(("hist", np.int32, (n, 2, N_CLASSES, 256)))
+        self.full_res_rows = True
+        for name, dtype, shape in specs:
             mm = np.lib.format.open_memmap(self.tmp / f"{name}.npy", "w+", dtype, shape)
             offset, row_bytes = mm.offset, mm[0].nbytes if n else 0
             del mm
@@ -80,8 +97,14 @@ class OOFWriter:
         rows = np.asarray(rows, dtype=np.int64)
         for i, r in enumerate(rows):  # one pwrite per image row (~0.4 MB at stride 2), not per pixel
             self._put("cls", r, np.asarray(cls[i], dtype=np.float32))
-            self._put("masks", r, quantise(self._stride(np.asarray(masks_prob[i]))))
-            self._put("truth", r, (self._stride(np.asarray(truth[i])) != 0).astype(np.uint8))
+            q, t = quantise(np.asarray(masks_prob[i])), np.asarray(truth[i]) != 0
+            self._put("masks", r, self._stride(q))
+            self._put("truth", r, self._stride(t).astype(np.uint8))
+            if "hist" in self.files:
+                if q.shape[-2:] == t.shape[-2:] == (self.height, self.width):
+                    self._put("hist", r, level_histograms(q, t))
+                else:
+                    self.full_res_rows = False
         self.written[rows] = True
 
     def _put(self, name: str, row: int, value: np.ndarray) -> None:
@@ -99,6 +122,8 @@ class OOFWriter:
                 f"OOF store incomplete: {int((~self.written).sum())} images not written, e.g. {missing}"
             )
         self._close_files(sync=True)
+        if not self.full_res_rows:  # some rows came strided: no full-resolution histograms
+            (self.tmp / "hist.npy").unlink(missing_ok=True)
         pd.DataFrame({"ImageId": self.ids, "fold": self.folds, "row": np.arange(len(self.ids))}).to_csv(
             self.tmp / "index.csv", index=False
         )
@@ -152,6 +177,8 @@ class OOFStore:
         self.cls: np.ndarray = np.load(self.dir / "cls.npy", mmap_mode="r")
         self.masks: np.ndarray = np.load(self.dir / "masks.npy", mmap_mode="r")
         self.truth: np.ndarray = np.load(self.dir / "truth.npy", mmap_mode="r")
+        hist = self.dir / "hist.npy"  # (N, 2, 4, 256) full-resolution level histograms, strided stores only
+        self.full_hist: np.ndarray | None = np.load(hist, mmap_mode="r") if hist.is_file() else None
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -214,7 +241,7 @@ def build_oof(
                 x = torch.from_numpy(imgs).to(device).float().div_(255).unsqueeze(1)
                 probs, cls = predict_batch(model.net, x, model.hparams.get("input_size"), tta_names)
                 truth = np.stack([masks_of(table.loc[i], (h, w)) for i in ids])
-                writer.write(r, cls.cpu().numpy(), probs[..., ::stride, ::stride].cpu().numpy(), truth)
+                writer.write(r, cls.cpu().numpy(), probs.cpu().numpy(), truth)  # full-res: see hist.npy
                 bar.update(len(r))
             del model
         bar.close()
