@@ -6,7 +6,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import shutil
 import sys
+from pathlib import Path
 
 from steel import __version__
 from steel.errors import SteelError
@@ -24,6 +26,9 @@ COMMANDS = {
     "export": ("steel.export", "export a run or ensemble as one TorchScript/ONNX file"),
     "predict": ("steel.predict", "images -> submission.csv (with --config: LightningCLI predict)"),
     "score": ("steel.metrics", "competition mean Dice of a submission"),
+    "pseudo": ("steel.pseudo", "pseudo-label images where classifier and masks agree confidently"),
+    "advval": ("steel.advval", "adversarial validation: how test-like is each train image"),
+    "inspect": ("steel.inspection", "class activation maps and the OOF error gallery (PNG, W&B)"),
     "demo": ("steel.demo", "the whole chain on synthetic data"),
 }
 LIGHTNING = {"fit", "validate", "test", "predict"}
@@ -48,6 +53,60 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def one_line(message: str) -> str:
+    """A user error as one line: the last line of a traceback text (a SteelError raised in a DataLoader worker
+    comes back wrapped with the worker's traceback), else the message's lines joined."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    if not lines:
+        return "error"
+    if any(line.startswith("Traceback") or "Original Traceback" in line for line in lines):
+        last = lines[-1]
+        for prefix in ("steel.errors.SteelError: ", "SteelError: "):
+            last = last.removeprefix(prefix)
+        return last
+    return " ".join(lines)
+
+
+def _remove_unused_run_dir(cli: object) -> None:
+    """After a fit that failed before its first training step: remove the run dir if this command made it and
+    it holds no checkpoint (a W&B run begun in it is finished first), and the empty parents it made."""
+    created = [Path(p) for p in getattr(cli, "created_dirs", None) or []]
+    trainer = getattr(cli, "trainer", None)
+    if not created or (trainer is not None and trainer.global_step > 0) or any(created[0].rglob("*.ckpt")):
+        return
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        sys.modules["wandb"].finish(exit_code=2)
+    shutil.rmtree(created[0], ignore_errors=True)
+    for parent in created[1:]:  # only while empty: a parallel fold may have put its own dir there meanwhile
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+
+
+def _lightning(argv: list[str]) -> None:
+    """Run a LightningCLI subcommand. Config errors raise (no usage dump); a failure before training started
+    removes the run dir it created."""
+    from steel.train_cli import SteelCLI
+
+    started: list[SteelCLI] = []
+
+    class CLI(SteelCLI):
+        def before_instantiate_classes(self) -> None:
+            started.append(self)
+            super().before_instantiate_classes()
+
+    args = (
+        None if argv == sys.argv[1:] else argv
+    )  # None: LightningCLI reads sys.argv (no "both given" warning)
+    try:
+        CLI(args=args, parser_kwargs={"exit_on_error": False})
+    except BaseException:
+        if started:
+            _remove_unused_run_dir(started[0])
+        raise
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``steel`` command line; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -58,17 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     name = argv[0]
     try:
         if _is_lightning(argv):
-            from steel.train_cli import cli_main
-
-            cli_main(argv)
+            _lightning(argv)
             return 0
         module = importlib.import_module(COMMANDS[name][0])
         parser = argparse.ArgumentParser(prog=f"steel {name}", description=COMMANDS[name][1])
         module.add_arguments(parser)
         args = parser.parse_args(argv[1:])
         return int(module.main(args) or 0)
-    except SteelError as e:
-        print(f"steel {name}: error: {e}", file=sys.stderr)
+    except (SteelError, argparse.ArgumentError) as e:  # ArgumentError: a config LightningCLI rejects
+        hint = f" (see steel {name} --help)" if isinstance(e, argparse.ArgumentError) else ""
+        print(f"steel {name}: error: {one_line(str(e))}{hint}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"steel {name}: interrupted", file=sys.stderr)

@@ -135,6 +135,8 @@ def demo(out: str | os.PathLike = "demo-out", n_train: int = 200, n_test: int = 
     """Run the chain into ``out`` (resuming what is done) and return the results table."""
     t0 = time.time()
     out = Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise SteelError(f"{out}: is a file, expected a directory for the demo")
     out.mkdir(parents=True, exist_ok=True)
     data, folds_csv, run, blend_dir = out / "data", out / "folds.csv", out / "runs" / "tiny", out / "blend"
     wanted = {"n_train": n_train, "n_test": n_test, "height": height, "width": width, "folds": folds}

@@ -14,7 +14,7 @@ import pandas as pd
 
 from steel.errors import SteelError
 from steel.io import atomic_path
-from steel.labels import CLASSES, read_train
+from steel.labels import CLASSES, read_csv, read_train
 
 HAS = [f"has_{c}" for c in CLASSES]
 
@@ -52,12 +52,19 @@ def write_folds(folds: pd.DataFrame, path: str | os.PathLike, command: str | Non
 def load_folds(path: str | os.PathLike) -> pd.DataFrame:
     """Read a folds CSV (ImageId, fold, has_1..has_4); SteelError if malformed."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise SteelError(f"{path}: folds file not found")
-    df = pd.read_csv(path)
+    df = read_csv(path)  # SteelError for a directory, an empty file, binary or ragged rows
     missing = [c for c in ["ImageId", "fold", *HAS] if c not in df.columns]
     if missing:
         raise SteelError(f"{path}: missing column '{missing[0]}'")
+    for col in ["fold", *HAS]:
+        values = pd.to_numeric(df[col], errors="coerce")
+        bad = values.isna() | (values < 0) | (values != values.round())
+        if bad.any():
+            i = int(np.flatnonzero(bad.to_numpy())[0])
+            raise SteelError(f"{path}: line {i + 2}: {col} {df[col].iloc[i]!r} is not a whole number >= 0")
+        df[col] = values.astype(int)
     return df
 
 

@@ -6,18 +6,18 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import itertools
 import json
 import os
 import shutil
+import socket
 import sys
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+from steel.errors import SteelError
 
 
 def fsync_path(path: str | os.PathLike) -> None:
@@ -44,15 +44,70 @@ def fsync_tree(path: str | os.PathLike) -> None:
         fsync_path(d)
 
 
+_HOST = socket.gethostname().replace("/", "_")
+_SEQ = itertools.count()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files and dirs that interrupted writes of ``path`` left beside it: those of this
+    host whose process is gone (names ``.{name}.tmp-{host}-{pid}-{n}...``). Returns what was removed."""
+    path = Path(path)
+    prefix = f".{path.name}.tmp-{_HOST}-"
+    removed = []
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(prefix):
+            continue
+        pid = entry.name[len(prefix) :].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                Path(entry.path).unlink(missing_ok=True)
+            removed.append(Path(entry.path))
+    return removed
+
+
+def _temp_beside(path: Path, suffix: str, want_dir: bool) -> Path:
+    """A fresh temp name beside ``path`` after removing stale ones; SteelError naming ``path`` when it (or
+    its parent) is of the wrong kind."""
+    if path.is_dir() and not want_dir:
+        raise SteelError(f"{path}: is a directory, expected a file path to write")
+    if path.exists() and not path.is_dir() and want_dir:
+        raise SteelError(f"{path}: is a file, expected a directory to write")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise SteelError(f"{path.parent}: is not a directory, cannot write {path.name} in it") from None
+    remove_stale_temps(path)
+    tmp = path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}-{next(_SEQ)}{suffix}")
+    if tmp.is_dir():  # left by a dead process that had this pid: stale
+        shutil.rmtree(tmp)
+    return tmp
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; if the block succeeds it is fsynced and renamed onto ``path``."""
+    """Yield a temporary path beside ``path``; if the block succeeds it is fsynced and renamed onto ``path``.
+
+    The temp name (``.{name}.tmp-{host}-{pid}-{n}{suffix}``) says which process wrote it: a write of ``path``
+    first removes the temp files of earlier writes whose process died (``remove_stale_temps``)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
+    tmp_path = _temp_beside(path, suffix or ".tmp", want_dir=False)
+    os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666))  # the usual permissions (umask)
     try:
         yield tmp_path
         fsync_path(tmp_path)
@@ -117,9 +172,8 @@ def replace_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; it replaces ``path`` (``replace_dir``) if the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes 0700; give the directory the usual permissions
+    tmp = _temp_beside(path, "", want_dir=True)
+    tmp.mkdir(0o777)  # the usual permissions (umask); stale temp dirs of dead writers were removed
     try:
         yield tmp
         replace_dir(tmp, path)

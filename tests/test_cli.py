@@ -24,7 +24,7 @@ def test_user_mistakes_are_one_line(tmp_path):
     assert (
         proc.returncode == 2
         and proc.stderr.strip()
-        == f"steel folds: error: {tmp_path / 'nope' / 'train_images'}: image directory not found"
+        == f"steel folds: error: {tmp_path / 'nope'}: not found; expected a data directory with train.csv and train_images/"
     )
     proc = run_steel(
         "score", tmp_path / "x.csv", "--truth", tmp_path / "t.csv", "--images", tmp_path, check=False

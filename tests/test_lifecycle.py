@@ -185,3 +185,56 @@ def test_worker_init_is_what_ends_them():
         kill_parent_and_check(
             [sys.executable, "-c", LOADER_SCRIPT, "none"], signal.SIGKILL, 2, cwd=REPO, exit_timeout=15
         )
+
+
+WRITER_SCRIPT = """
+import sys, time
+from steel.io import atomic_dir, atomic_path
+
+kind, target = sys.argv[1], sys.argv[2]
+with (atomic_path(target, ".csv") if kind == "file" else atomic_dir(target)) as tmp:
+    (tmp if kind == "file" else tmp / "a.txt").write_text("partial")
+    print(tmp, flush=True)
+    time.sleep(3600)
+"""
+
+
+def _writer(kind: str, target: Path) -> tuple[subprocess.Popen, Path]:
+    """A process stopped in the middle of an atomic write of ``target``, and its temp path."""
+    proc = subprocess.Popen([sys.executable, "-c", WRITER_SCRIPT, kind, str(target)], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    tmp = Path(proc.stdout.readline().strip())
+    assert tmp.exists() and tmp.parent == target.parent and tmp.name.startswith(f".{target.name}.tmp-")
+    return proc, tmp
+
+
+@pytest.mark.parametrize("kind", ["file", "dir"])
+def test_next_write_removes_temp_of_killed_writer(tmp_path, kind):
+    from steel.io import atomic_dir, write_text
+
+    target = tmp_path / ("out.csv" if kind == "file" else "outdir")
+    dead, dead_tmp = _writer(kind, target)
+    dead.kill()
+    dead.wait()
+    assert dead_tmp.exists()
+    live, live_tmp = _writer(kind, target)  # the next write of target, still in progress
+    try:
+        assert not dead_tmp.exists(), "the killed writer's temp survived the next write"
+        if kind == "file":
+            write_text(target, "new")
+            assert target.read_text() == "new"
+        else:
+            with atomic_dir(target) as d:
+                (d / "b.txt").write_text("new")
+            assert [p.name for p in target.iterdir()] == ["b.txt"]
+        assert live_tmp.exists(), "a running writer's temp was removed"
+        # a dead writer's temp of another path stays until that path is written
+        other = tmp_path / f".other.csv{dead_tmp.name[len(target.name) + 1 :]}"
+        other.mkdir() if kind == "dir" else other.write_text("x")
+        write_text(tmp_path / "other2.csv", "y")
+        assert other.exists()
+        write_text(tmp_path / "other.csv", "y")
+        assert not other.exists()
+    finally:
+        live.kill()
+        live.wait()
