@@ -344,5 +344,11 @@ def load_model(ckpt_path: str | Path, map_location: str | torch.device = "cpu") 
     ckpt_path = Path(ckpt_path)
     if not ckpt_path.is_file():
         raise SteelError(f"{ckpt_path}: checkpoint not found")
-    model = SteelModule.load_from_checkpoint(ckpt_path, map_location=map_location, encoder_weights=None)
+    try:
+        model = SteelModule.load_from_checkpoint(ckpt_path, map_location=map_location, encoder_weights=None)
+    except Exception:
+        from steel.checkpoints import load_checkpoint
+
+        load_checkpoint(ckpt_path)  # SteelError naming the file if it is not a readable checkpoint
+        raise
     return model.eval()
