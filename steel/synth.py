@@ -26,6 +26,9 @@ P_DEFECT_FREE = 0.47
 P_SECOND_CLASS = 0.11  # of defect images -> ~6 % of all images carry two classes
 # Per-class mask area ranges on a 256x1600 image (walkthrough section 4.1, 2-98 percentile).
 AREA_RANGES = {1: (500, 15500), 2: (700, 10000), 3: (1100, 160000), 4: (2800, 127000)}
+# Test-set domain shifts (``--shift``, for adversarial validation): brightness = +24 grey levels,
+# texture = extra fine grain (N(0, 9) noise, blurred along the rows). Drawn from their own RNG stream.
+SHIFTS = ("none", "brightness", "texture")
 # What `steel synth` writes into its directory (all that --overwrite may replace).
 LAYOUT = ("train_images", "test_images", "train.csv", "test_truth.csv", "sample_submission.csv")
 
@@ -158,9 +161,22 @@ def sample_classes(rng: np.random.Generator) -> list[int]:
     return [first]
 
 
+def shift_image(img: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """uint8 (H, W) image with the test-set shift ``kind`` (``SHIFTS``) applied."""
+    if kind == "brightness":
+        return np.clip(img.astype(np.int16) + 24, 0, 255).astype(np.uint8)
+    if kind == "texture":
+        grain = cv2.GaussianBlur(
+            rng.normal(0, 9, img.shape).astype(np.float32), (0, 0), sigmaX=1.0, sigmaY=0.4
+        )
+        return np.clip(img + grain, 0, 255).astype(np.uint8)
+    return img
+
+
 def _write_split(
-    rng: np.random.Generator, out: Path, folder: str, n: int, h: int, w: int, desc: str
-) -> pd.DataFrame:
+    rng: np.random.Generator, out: Path, folder: str, n: int, h: int, w: int, desc: str,
+    shift: tuple[str, np.random.Generator] | None = None,
+) -> pd.DataFrame:  # fmt: skip
     (out / folder).mkdir(parents=True, exist_ok=True)
     rows = []
     ids = set()
@@ -170,6 +186,8 @@ def _write_split(
             image_id = f"{int(rng.integers(0, 16**9)):09x}.jpg"
         ids.add(image_id)
         img, masks = make_image(rng, sample_classes(rng), h, w)
+        if shift is not None:
+            img = shift_image(img, *shift)
         path = out / folder / image_id  # inside the data set's temporary dir: no per-file temp needed
         if not cv2.imwrite(str(path), img, [cv2.IMWRITE_JPEG_QUALITY, 95]):
             raise OSError(f"cannot write {path}")
@@ -208,19 +226,24 @@ def synth(
     height: int = KAGGLE_SHAPE[0],
     width: int = KAGGLE_SHAPE[1],
     overwrite: bool = False,
+    shift: str = "none",
 ) -> Path:
     """Write a Kaggle-layout synthetic data set to ``out``; deterministic by ``seed``.
 
     The set is built in a temporary dir beside ``out`` that then replaces it whole, so ``out`` holds either
     the old data set or the new one. SteelError if ``out`` is a file or already holds data (unless
-    ``overwrite`` and it holds nothing but a data set of this layout).
+    ``overwrite`` and it holds nothing but a data set of this layout). ``shift``: a domain shift of the test
+    images only (``SHIFTS``); the images and masks are otherwise those of ``shift="none"``.
     """
     out = Path(out)
     _check_out(out, overwrite)
+    if shift not in SHIFTS:
+        raise SteelError(f"--shift {shift!r}: choose one of {', '.join(SHIFTS)}")
     rng = np.random.default_rng(seed)
     with atomic_dir(out) as tmp:
         train = _write_split(rng, tmp, "train_images", n_train, height, width, "train images")
-        test = _write_split(rng, tmp, "test_images", n_test, height, width, "test images")
+        test_shift = (shift, np.random.default_rng([seed, 1])) if shift != "none" else None
+        test = _write_split(rng, tmp, "test_images", n_test, height, width, "test images", test_shift)
         for name, df in (("train.csv", train), ("test_truth.csv", test)):
             df.sort_values(["ImageId", "ClassId"]).to_csv(tmp / name, index=False)
         test_ids = sorted(p.name for p in (tmp / "test_images").iterdir() if p.suffix == ".jpg")
@@ -245,13 +268,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="replace the data set that DIR holds (nothing else in DIR)"
     )
+    p.add_argument("--shift", choices=SHIFTS, default="none", help="domain shift of the test images only")
 
 
 def main(args: argparse.Namespace) -> int:
     for name in ("n_train", "n_test", "height", "width"):
         if getattr(args, name) < (0 if name.startswith("n_") else 16):
             raise SteelError(f"--{name.replace('_', '-')} {getattr(args, name)} is too small")
-    out = synth(args.dir, args.n_train, args.n_test, args.seed, args.height, args.width, args.overwrite)
+    out = synth(args.dir, args.n_train, args.n_test, args.seed, args.height, args.width, args.overwrite,
+                args.shift)  # fmt: skip
     print(f"wrote {args.n_train} train + {args.n_test} test images ({args.height}x{args.width}) to {out}")
     return 0
 
