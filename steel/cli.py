@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from steel import __version__
 from steel.errors import SteelError
@@ -92,13 +93,26 @@ def _lightning(argv: list[str]) -> None:
     started: list[SteelCLI] = []
 
     class CLI(SteelCLI):
+        def parse_arguments(self, parser: Any, args: Any) -> None:
+            super().parse_arguments(parser, args)
+            sub = self.config.get("subcommand")
+            ckpt = str((self.config.get(sub) if sub else self.config).get("ckpt_path") or "")
+            if (
+                ckpt
+                and ckpt not in ("last", "best", "hpc")
+                and not ckpt.startswith("registry")
+                and "://" not in ckpt
+            ):
+                from steel.checkpoints import load_checkpoint
+
+                load_checkpoint(ckpt)  # a local checkpoint file is opened before LightningCLI reads it
+
         def before_instantiate_classes(self) -> None:
             started.append(self)
             super().before_instantiate_classes()
 
-    args = (
-        None if argv == sys.argv[1:] else argv
-    )  # None: LightningCLI reads sys.argv (no "both given" warning)
+    # None: LightningCLI reads sys.argv itself (no "args and sys.argv both given" warning)
+    args = None if argv == sys.argv[1:] else argv
     try:
         CLI(args=args, parser_kwargs={"exit_on_error": False})
     except BaseException:

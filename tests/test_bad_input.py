@@ -351,6 +351,16 @@ FIT_CASES = [
     ),
     Case("fit-empty-folds-csv", lambda d: (d / "folds.csv").write_text("") or fit(), "folds.csv: empty"),
     Case(
+        "fit-resume-missing-checkpoint",
+        lambda d: fit("--ckpt_path", "nope.ckpt"),
+        "nope.ckpt: checkpoint not found",
+    ),
+    Case(
+        "validate-text-checkpoint",
+        lambda d: (d / "best.ckpt").write_text("junk") and ["validate", *fit("--ckpt_path", "best.ckpt")[1:]],
+        "best.ckpt: not a readable checkpoint",
+    ),
+    Case(
         "fit-folds-csv-is-dir",
         lambda d: (d / "folds.csv").unlink() or (d / "folds.csv").mkdir() or fit(),
         "folds.csv: is a directory",
@@ -366,3 +376,29 @@ def test_fit_bad_input_is_one_line_and_leaves_no_run_dir(case: Case, w: Path, ca
     err = capsys.readouterr().err
     check_one_line(code, err, case.names)
     assert not (w / "runs").exists(), sorted(map(str, (w / "runs").rglob("*")))
+
+
+class _Raises:
+    """A dataset whose item 0 raises a SteelError (as a corrupt image would in a DataLoader worker)."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int):
+        from steel.errors import SteelError
+
+        raise SteelError("data/train_images/x.jpg: truncated or corrupt JPEG")
+
+
+def test_error_from_a_dataloader_worker_is_one_line():
+    """PyTorch re-raises a worker's SteelError with the worker's traceback in its message; the CLI line is
+    the original message alone."""
+    from torch.utils.data import DataLoader
+
+    from steel.cli import one_line
+    from steel.errors import SteelError
+
+    with pytest.raises(SteelError) as e:
+        next(iter(DataLoader(_Raises(), num_workers=1)))
+    assert "Traceback" in str(e.value)  # what PyTorch hands back
+    assert one_line(str(e.value)) == "data/train_images/x.jpg: truncated or corrupt JPEG"
