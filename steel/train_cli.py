@@ -215,6 +215,8 @@ class SteelCLI(LightningCLI):
         run_dir = Path(cfg.run_dir or f"runs/{name}/fold-{fold}")
         cfg.run_dir = str(run_dir)
         cfg.trainer.default_root_dir = str(run_dir)
+        # the dirs this command creates, deepest first: steel.cli removes them again if it fails at once
+        self.created_dirs = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
         run_dir.mkdir(parents=True, exist_ok=True)
         loggers = cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
         for lg in loggers:
