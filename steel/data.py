@@ -217,6 +217,8 @@ class SteelDataModule(pl.LightningDataModule):
         blackout_p: probability of the defect blackout (one class's region filled with background, label dropped).
         sampler: random | balanced | negatives (all defect images + ``negatives_fraction`` of defect-free ones).
         predict_dir: images for ``steel predict --config`` (default data_dir/test_images).
+        pseudo_dir: a ``steel pseudo`` output dir; its images join the training epochs of every fold, never
+            validation (``steel.pseudo.mix_pseudo``), as ``pseudo_share`` of each epoch's items.
     """
 
     def __init__(
@@ -239,6 +241,8 @@ class SteelDataModule(pl.LightningDataModule):
         persistent_workers: bool = True,
         predict_dir: str | None = None,
         seed: int = 42,
+        pseudo_dir: str | None = None,
+        pseudo_share: float = 0.3,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -323,12 +327,15 @@ class SteelDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         assert self.train_set is not None, "call setup('fit') first"
         drop_last = len(self.train_set) > self.hparams.batch_size  # BatchNorm dislikes a last batch of 1
+        dataset, sampler = self.train_set, self.train_sampler()
+        if self.hparams.pseudo_dir:
+            from steel.pseudo import mix_pseudo
+
+            known = set(self.train_table["ImageId"]) | set(self.val_table["ImageId"])
+            dataset, sampler = mix_pseudo(dataset, sampler, self.hparams.pseudo_dir, self.hparams.pseudo_share,
+                                          known, self.hparams.seed)  # fmt: skip
         return self._loader(
-            self.train_set,
-            self.hparams.batch_size,
-            shuffle=True,
-            sampler=self.train_sampler(),
-            drop_last=drop_last,
+            dataset, self.hparams.batch_size, shuffle=True, sampler=sampler, drop_last=drop_last
         )
 
     def _eval_sampler(self, dataset: Dataset) -> Sampler | None:
