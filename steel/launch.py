@@ -1,8 +1,12 @@
-"""Fold orchestration: run the folds of an experiment on local GPUs / CPU or as a SLURM array, with resume.
+"""Fold orchestration: the folds of an experiment on local GPUs / CPU, or as one SLURM array (steel.slurm).
 
-Each fold is one ``steel fit`` process writing ``RUN_DIR/fold-K/``; a fold with ``done.json`` is skipped,
-a fold that died resumes from its ``last.ckpt``, a failed fold is retried ``--retries`` times. When every
-fold of the split is done the OOF store is built (``steel oof``).
+Each fold is one ``steel fit`` writing ``RUN_DIR/fold-K/``. A fold is done when ``steel.rundir.fold_done`` says
+so (the one definition, for both executors); a done fold is skipped, an unfinished one resumes from its
+``last.ckpt``. Locally, a failed fold is retried ``--retries`` times only if the failed attempt wrote a new
+last.ckpt (an attempt that wrote none would fail the same way again), and the cause is printed in one line.
+Before anything runs, a fold whose checkpoints were trained on another split is refused
+(``steel.rundir.check_fold``), as are launch options written after ``--``. When every fold of the split is done
+the OOF store is built (``steel oof``); ``RUN_DIR/summary.json`` holds each fold's true state.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import argparse
 import ctypes
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -27,19 +32,29 @@ import yaml
 
 from steel.errors import SteelError
 from steel.io import read_json, write_json, write_text
+from steel.rundir import FOLDS_FILE, METRICS_FILE, check_fold, fold_done
+
+LAUNCH_FLAGS: set[str] = (
+    set()
+)  # option strings of `steel launch` (refused after `--`), filled by add_arguments
 
 
 def parse_folds(spec: str | None, n_folds: int) -> list[int]:
-    """'0-9', '0,2,5', '1-3,7' or None (all) -> sorted fold numbers; SteelError outside 0..n_folds-1."""
-    if not spec:
+    """'0-9', '0,2,5', '1-3,7' or None (all) -> sorted fold numbers; SteelError for a malformed, reversed or
+    empty range, or a fold outside 0..n_folds-1."""
+    if spec is None:
         return list(range(n_folds))
     out: set[int] = set()
-    try:
-        for part in spec.split(","):
-            a, _, b = part.partition("-")
-            out.update(range(int(a), int(b or a) + 1))
-    except ValueError:
-        raise SteelError(f"--folds {spec!r}: expected e.g. 0-9 or 0,2,5") from None
+    for part in spec.split(","):
+        a, sep, b = part.strip().partition("-")
+        try:
+            lo = int(a)
+            hi = int(b) if sep else lo
+        except ValueError:
+            raise SteelError(f"--folds {spec!r}: expected e.g. 0-9 or 0,2,5") from None
+        if hi < lo:
+            raise SteelError(f"--folds {spec!r}: range {lo}-{hi} is reversed (write {hi}-{lo})")
+        out.update(range(lo, hi + 1))
     bad = sorted(k for k in out if not 0 <= k < n_folds)
     if bad:
         raise SteelError(f"--folds {spec!r}: fold {bad[0]} outside 0..{n_folds - 1} of the split")
@@ -49,6 +64,41 @@ def parse_folds(spec: str | None, n_folds: int) -> list[int]:
 def parse_gpus(spec: str | None) -> list[str]:
     """'0,1,2,3' -> ['0', '1', '2', '3']; None/'' -> []."""
     return [g.strip() for g in spec.split(",") if g.strip()] if spec else []
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """SteelError if a launch option was written after ``--`` (it would go to every ``steel fit``)."""
+    for a in overrides:
+        name = a.split("=", 1)[0]
+        if name in LAUNCH_FLAGS:
+            raise SteelError(
+                f"{name} is a `steel launch` option but comes after `--`, which passes it to every `steel fit`; "
+                f"put it before `--`"
+            )
+
+
+def visible_gpus() -> int:
+    """CUDA devices torch can use on this machine (ignoring this process's CUDA_VISIBLE_DEVICES)."""
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    code = "import torch; print(torch.cuda.device_count())"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    try:
+        return int(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        return 0
+
+
+def check_gpus(gpus: list[str]) -> None:
+    """SteelError (one line) when a --gpus id is not a CUDA device of this machine: such a fold could only fail."""
+    n = visible_gpus()
+    if n == 0:
+        raise SteelError(
+            f"--gpus {','.join(gpus)}: this machine has no CUDA GPU that torch can use "
+            f"(torch.cuda.device_count() is 0); leave out --gpus to train on CPU"
+        )
+    bad = [g for g in gpus if not g.isdigit() or int(g) >= n]
+    if bad:
+        raise SteelError(f"--gpus {','.join(gpus)}: GPU {bad[0]} does not exist (torch sees {n}: 0..{n - 1})")
 
 
 def _experiment(config: str) -> dict[str, Any]:
@@ -71,21 +121,40 @@ def _override(overrides: list[str], key: str) -> str | None:
     return None
 
 
+def _drop(overrides: list[str], key: str) -> list[str]:
+    out, skip = [], False
+    for a in overrides:
+        if skip:
+            skip = False
+            continue
+        if a == f"--{key}":
+            skip = True
+            continue
+        if a.startswith(f"--{key}="):
+            continue
+        out.append(a)
+    return out
+
+
 @dataclass
 class Fold:
     """State of one fold while the launcher runs it."""
 
     k: int
     dir: Path
-    state: str = "queued"  # queued | running | done | failed | skipped
+    state: str = "queued"  # queued | running | done | failed; SLURM also pending | cancelled | timeout | ...
     attempts: int = 0
     proc: subprocess.Popen | None = None
     slot: int | None = None
     started: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+    cause: str = ""
+    job_id: str | None = None
+    last_mtime: float | None = None
+    log_offset: int = 0
 
     def progress(self) -> dict[str, Any]:
-        for name in ("metrics.json", "progress.json"):
+        for name in (METRICS_FILE, "progress.json"):
             p = self.dir / name
             if p.is_file():
                 try:
@@ -95,24 +164,81 @@ class Fold:
         return {}
 
 
+def fit_args(
+    config: str,
+    k: int,
+    run_dir: Path,
+    overrides: list[str],
+    devices: int,
+    accelerator: str,
+    num_nodes: int = 1,
+) -> list[str]:
+    """Arguments of ``steel fit`` (after ``fit``) for fold k, without the resume checkpoint."""
+    args = ["--config", str(config), *overrides, "--data.folds_csv", str(run_dir / FOLDS_FILE),
+            "--data.fold", str(k), "--run_dir", str(run_dir / f"fold-{k}"),
+            "--trainer.accelerator", accelerator, "--trainer.devices", str(devices)]  # fmt: skip
+    if num_nodes > 1:
+        args += ["--trainer.num_nodes", str(num_nodes)]
+    if devices * num_nodes > 1:
+        args += ["--trainer.strategy", "ddp"]
+    return args
+
+
 def fold_command(
     config: str, k: int, run_dir: Path, overrides: list[str], devices: int, accelerator: str
 ) -> list[str]:
     """The ``steel fit`` command line of fold k (resuming from last.ckpt when there is one)."""
-    fold_dir = run_dir / f"fold-{k}"
-    cmd = [sys.executable, "-m", "steel.cli", "fit", "--config", str(config), *overrides,
-           "--data.folds_csv", str(run_dir / "folds.csv"), "--data.fold", str(k), "--run_dir", str(fold_dir),
-           "--trainer.accelerator", accelerator, "--trainer.devices", str(devices)]  # fmt: skip
-    if devices > 1:
-        cmd += ["--trainer.strategy", "ddp"]
-    if (fold_dir / "last.ckpt").is_file():
-        cmd += ["--ckpt_path", str(fold_dir / "last.ckpt")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "steel.cli",
+        "fit",
+        *fit_args(config, k, run_dir, overrides, devices, accelerator),
+    ]
+    last = run_dir / f"fold-{k}" / "last.ckpt"
+    if last.is_file():
+        cmd += ["--ckpt_path", str(last)]
     return cmd
+
+
+def fold_env(experiment: str) -> dict[str, str]:
+    """Environment of a fold process: its W&B run is in the experiment's group with job type train."""
+    return {"WANDB_JOB_TYPE": "train", "WANDB_RUN_GROUP": experiment,
+            "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}  # fmt: skip
+
+
+def error_line(log: str) -> str:
+    """The line of a fold's log that says why it failed: a steel/LightningCLI error line or the last line of a
+    traceback (exception name without its module path), else the last line."""
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        m = re.match(r"^steel \w+: error: (.*)", ln) or re.match(r"^(?:[\w.]+: )?error: (.*)", ln)
+        if m:
+            return m.group(1)
+        m = re.match(
+            r"^(?:[A-Za-z_][\w]*\.)*([A-Za-z_]\w*(?:Error|Exception|Exit|Interrupt)\w*)(?:: (.*))?$", ln
+        )
+        if m:
+            return f"{m.group(1)}: {m.group(2)}" if m.group(2) else m.group(1)
+    return lines[-1][:300] if lines else "no output"
 
 
 def _fmt(v: Any) -> str:
     """A dice value for the progress table: 4 decimals, or '-' before the first validation."""
     return f"{v:.4f}" if isinstance(v, int | float) else "-"
+
+
+def table(folds: list[Fold]) -> str:
+    """The progress table: fold, state, epoch, val/dice, best (and the SLURM job and cause where known)."""
+    rows = [f"{'fold':>4}  {'state':<10} {'epoch':>5}  {'val/dice':>8}  {'best':>6}  job / cause"]
+    for f in folds:
+        p = f.info or f.progress()
+        ep = p.get("epoch", p.get("best_epoch", ""))
+        extra = "  ".join(x for x in (f.job_id or "", f.cause) if x)
+        rows.append(
+            f"{f.k:>4}  {f.state:<10} {ep!s:>5}  {_fmt(p.get('val_dice')):>8}  {_fmt(p.get('best_val_dice')):>6}  {extra}"
+        )
+    return "\n".join(rows)
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
@@ -124,13 +250,22 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child
         pass
 
 
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
 class LocalLauncher:
     """Runs fold processes in slots: GPU groups (CUDA_VISIBLE_DEVICES) or CPU processes."""
 
     def __init__(self, folds: list[Fold], config: str, run_dir: Path, overrides: list[str], gpus: list[str],
-                 gpus_per_fold: int, parallel: int, retries: int, poll: float = 1.0) -> None:  # fmt: skip
+                 gpus_per_fold: int, parallel: int, retries: int, poll: float = 1.0,
+                 experiment: str | None = None) -> None:  # fmt: skip
         self.folds, self.config, self.run_dir, self.overrides = folds, config, run_dir, overrides
         self.retries, self.poll = retries, poll
+        self.experiment = experiment or Path(config).stem
         if gpus:
             if gpus_per_fold < 1 or len(gpus) < gpus_per_fold:
                 raise SteelError(f"--gpus-per-fold {gpus_per_fold} does not fit in --gpus {','.join(gpus)}")
@@ -148,10 +283,13 @@ class LocalLauncher:
         slot = self.free.pop(0)
         cmd = fold_command(self.config, f.k, self.run_dir, self.overrides, self.devices, self.accelerator)
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(self.slots[slot]), PYTHONUNBUFFERED="1")
+        env.update(fold_env(self.experiment))
         if not self.slots[slot] and len(self.slots) > 1:  # CPU folds side by side share the cores
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(self.slots))))
         f.dir.mkdir(parents=True, exist_ok=True)
+        f.last_mtime = _mtime(f.dir / "last.ckpt")
         log = open(f.dir / "train.log", "a")  # noqa: SIM115 - closed when the process ends
+        f.log_offset = log.tell()
         log.write(f"\n# attempt {f.attempts + 1}: {shlex.join(cmd)}\n")
         log.flush()
         f.proc = subprocess.Popen(
@@ -169,36 +307,34 @@ class LocalLauncher:
         self.free.append(f.slot)
         self.free.sort()
         f.proc, f.slot = None, None
-        metrics = f.dir / "metrics.json"
-        if rc == 0 and metrics.is_file():
-            f.info = read_json(metrics)
-            write_json(
-                f.dir / "done.json", {"fold": f.k, "attempts": f.attempts, "finished": time.time(), **f.info}
-            )
-            f.state = "done"
+        if rc == 0 and fold_done(f.dir):
+            f.info, f.state, f.cause = read_json(f.dir / METRICS_FILE), "done", ""
             print(f"fold {f.k}: done, best val/dice {_fmt(f.info.get('best_val_dice'))}", flush=True)
-        elif f.attempts <= self.retries:
+            from steel import tracking
+
+            tracking.log_fold(f.dir)
+            return
+        with open(f.dir / "train.log", errors="replace") as fh:
+            fh.seek(f.log_offset)
+            f.cause = error_line(fh.read()) if rc != 0 else "exited 0 without a finished fold"
+        progressed = _mtime(f.dir / "last.ckpt") not in (None, f.last_mtime)
+        log = f.dir / "train.log"
+        if f.attempts <= self.retries and progressed and rc != 2:
             f.state = "queued"
-            print(
-                f"fold {f.k}: exited {rc}; retry {f.attempts}/{self.retries} (see {f.dir / 'train.log'})",
-                flush=True,
-            )
-        else:
-            f.state = "failed"
-            print(
-                f"fold {f.k}: FAILED (exit {rc}) after {f.attempts} attempt(s); see {f.dir / 'train.log'}",
-                flush=True,
-            )
+            print(f"fold {f.k}: exited {rc} ({f.cause}); retry {f.attempts}/{self.retries} from its last.ckpt "
+                  f"(log {log})", flush=True)  # fmt: skip
+            return
+        f.state = "failed"
+        why = ""
+        if f.attempts <= self.retries:
+            why = " (usage error)" if rc == 2 else " (no new last.ckpt: a retry would fail the same way)"
+        print(
+            f"fold {f.k}: FAILED (exit {rc}) after {f.attempts} attempt(s){why}: {f.cause}; log {log}",
+            flush=True,
+        )
 
     def table(self) -> str:
-        rows = ["fold  state    epoch  val/dice  best"]
-        for f in self.folds:
-            p = f.info or f.progress()
-            ep = p.get("epoch", p.get("best_epoch", ""))
-            rows.append(
-                f"{f.k:>4}  {f.state:<8} {ep!s:>5}  {_fmt(p.get('val_dice')):>8}  {_fmt(p.get('best_val_dice'))}"
-            )
-        return "\n".join(rows)
+        return table(self.folds)
 
     def stop(self) -> None:
         for f in self.folds:
@@ -240,7 +376,7 @@ def prepare_run_dir(run_dir: Path, config: str, folds_csv: str | None, overrides
     from steel.folds import load_folds
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    target = run_dir / "folds.csv"
+    target = run_dir / FOLDS_FILE
     if folds_csv is None:
         if not target.is_file():
             raise SteelError(
@@ -263,165 +399,275 @@ def prepare_run_dir(run_dir: Path, config: str, folds_csv: str | None, overrides
     return src
 
 
-def summarise(run_dir: Path, folds: list[Fold], experiment: str) -> dict[str, Any]:
-    """CV mean/std of best val/dice over done folds -> summary.json (+ a W&B group-level run)."""
-    done = [f for f in folds if f.state in ("done", "skipped")]
+def refuse_other_split(folds: list[Fold], run_dir: Path) -> None:
+    """SteelError (one line) if a fold's checkpoint was trained as another fold or on another split."""
+    from steel.folds import split_hash
+
+    h = None
+    for f in folds:
+        for name in ("best.ckpt", "last.ckpt"):
+            if (f.dir / name).is_file():
+                h = h or split_hash(run_dir / FOLDS_FILE)
+                check_fold(f.dir / name, f.k, h, run_dir)
+
+
+def summarise(
+    run_dir: Path, folds: list[Fold], experiment: str, executor: str, log_wandb: bool = True
+) -> dict[str, Any]:
+    """Each fold's state (and cause), CV mean/std of best val/dice over done folds -> summary.json; with
+    ``log_wandb`` and every fold done, a W&B run of job type summary in the experiment's group."""
+    done = [f for f in folds if f.state == "done"]
     scores = np.array(
         [v if isinstance(v := f.info.get("best_val_dice"), int | float) else np.nan for f in done], float
     )
     summary = {
         "experiment": experiment,
+        "executor": executor,
         "folds": {
-            str(f.k): {"state": f.state, "best_val_dice": f.info.get("best_val_dice"), "attempts": f.attempts}
+            str(f.k): {
+                "state": f.state,
+                "best_val_dice": f.info.get("best_val_dice"),
+                "attempts": f.attempts,
+                "job_id": f.job_id,
+                "cause": f.cause,
+            }  # fmt: skip
             for f in folds
         },
         "cv_mean": float(np.nanmean(scores)) if len(scores) else None,
         "cv_std": float(np.nanstd(scores)) if len(scores) else None,
-        "failed": [f.k for f in folds if f.state == "failed"],
+        "failed": [f.k for f in folds if f.state in ("failed", "cancelled", "timeout", "terminated")],
+        "updated": time.time(),
     }
     write_json(run_dir / "summary.json", summary)
-    try:
-        import wandb
+    if log_wandb and len(done) == len(folds) and os.environ.get("WANDB_MODE", "offline") != "disabled":
+        try:
+            import wandb
 
-        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "steel"), group=experiment, name="summary",
-                         job_type="summary", dir=str(run_dir), reinit=True, config={"folds": len(folds)})  # fmt: skip
-        table = wandb.Table(columns=["fold", "state", "best_val_dice"],
-                            data=[[f.k, f.state, f.info.get("best_val_dice")] for f in folds])  # fmt: skip
-        run.log({"folds": table})
-        run.summary.update({"cv/mean_dice": summary["cv_mean"], "cv/std_dice": summary["cv_std"]})
-        run.finish()
-    except Exception as e:  # noqa: BLE001 - W&B trouble must not lose the run
-        print(f"launch: W&B summary not logged ({e})", file=sys.stderr)
+            run = wandb.init(project=os.environ.get("WANDB_PROJECT", "steel"), group=experiment, name="summary",
+                             job_type="summary", dir=str(run_dir), reinit="finish_previous",
+                             mode=os.environ.get("WANDB_MODE", "offline"), config={"folds": len(folds)},
+                             settings=wandb.Settings(silent=True))  # fmt: skip
+            tab = wandb.Table(columns=["fold", "state", "best_val_dice"],
+                              data=[[f.k, f.state, f.info.get("best_val_dice")] for f in folds])  # fmt: skip
+            run.log({"folds": tab})
+            run.summary.update({"cv/mean_dice": summary["cv_mean"], "cv/std_dice": summary["cv_std"]})
+            run.finish()
+        except Exception as e:  # noqa: BLE001 - W&B trouble must not lose the run
+            print(f"launch: W&B summary not logged ({e})", file=sys.stderr)
     return summary
 
 
-def slurm_jobs(
-    folds: list[Fold], config: str, run_dir: Path, overrides: list[str], gpus_per_fold: int
-) -> list[list[str]]:
-    """Per-fold commands of a SLURM array (Lightning picks up the SLURM env for multi-node DDP)."""
-    accelerator = "gpu" if gpus_per_fold else "cpu"
-    return [fold_command(config, f.k, run_dir, overrides, max(1, gpus_per_fold), accelerator) for f in folds]
+def build_oof_if_complete(args: argparse.Namespace, run_dir: Path, n_folds: int) -> None:
+    """Build the OOF store when every fold of the split is done (unless --no-oof)."""
+    all_done = all(fold_done(run_dir / f"fold-{k}") for k in range(n_folds))
+    if all_done and not args.no_oof:
+        from steel import tracking
+        from steel.oof import build_oof
+
+        build_oof(run_dir, stride=args.oof_stride)
+        tracking.log_oof(run_dir)
+    elif not all_done:
+        print(f"launch: OOF waits until all {n_folds} folds of the split are done")
 
 
-def submit_slurm(args: argparse.Namespace, folds: list[Fold], run_dir: Path, overrides: list[str]) -> int:
-    """Submit one SLURM array task per fold with submitit (or, with --dry-run, write the sbatch script only)."""
-    import submitit
-    from submitit.slurm.slurm import _make_sbatch_string
+# ---- SLURM ---------------------------------------------------------------------------------------------------
+def _job_ids(folds: list[Fold], run_dir: Path) -> None:
+    """Each fold's latest SLURM job: the launcher's jobs.json or the task's own record, whichever is newer."""
+    from steel.slurm import read_record
 
-    todo = [f for f in folds if f.state == "queued"]
-    if not todo:
-        print("launch: every fold is already done")
+    jobs_file = run_dir / "slurm" / "jobs.json"
+    jobs = read_json(jobs_file) if jobs_file.is_file() else {}
+    for f in folds:
+        sub, rec = jobs.get(str(f.k)) or {}, read_record(f.dir)
+        if rec.get("job_id") and rec.get("updated", 0) >= sub.get("submitted", 0):
+            f.job_id = str(rec["job_id"])
+        else:
+            f.job_id = sub.get("job_id")
+
+
+def run_slurm(args: argparse.Namespace, folds: list[Fold], run_dir: Path, overrides: list[str],
+              n_folds: int, experiment: str) -> int:  # fmt: skip
+    """Show where each fold is, refuse what cannot run, then submit the unfinished folds as one array."""
+    from steel import slurm
+
+    have_slurm = shutil.which("sinfo") is not None and shutil.which("squeue") is not None
+    _job_ids(folds, run_dir)
+    sched = slurm.job_states([f.job_id for f in folds if f.job_id]) if have_slurm else {}
+    for f in folds:
+        rec = slurm.read_record(f.dir)
+        if f.job_id and str(rec.get("job_id")) == str(f.job_id):
+            f.attempts = int(rec.get("restarts") or 0) + 1
+        if f.state != "done":
+            f.state, f.cause = slurm.fold_state(f.dir, f.job_id, sched)
+            if f.state == "done":
+                f.info = read_json(f.dir / METRICS_FILE)
+    print(table(folds))
+    summarise(run_dir, folds, experiment, "slurm", log_wandb=False)
+    todo = [f for f in folds if f.state != "done"]
+    if args.status:
         return 0
-    if args.nodes > 1:  # multi-node DDP: Lightning reads the SLURM env of each task
-        overrides = [*overrides, "--trainer.num_nodes", str(args.nodes)]
-    cmds = slurm_jobs(todo, args.config, run_dir, overrides, args.gpus_per_fold)
+    if not todo:
+        summarise(run_dir, folds, experiment, "slurm")
+        build_oof_if_complete(args, run_dir, n_folds)
+        return 0
+    active = [f for f in todo if f.state in ("pending", "running")]
+    if active and not args.dry_run:
+        f = active[0]
+        raise SteelError(
+            f"fold {f.k} is already {f.state} as SLURM job {f.job_id} ({f.dir}); wait for it, or `scancel {f.job_id}` "
+            f"and launch again"
+        )
+    if not args.dry_run and shutil.which("sbatch") is None:
+        raise SteelError(
+            "sbatch not found: --executor slurm submits from a SLURM login node (or use --dry-run)"
+        )
+    parts = slurm.partitions() if have_slurm else None
+    part = None
+    if parts is not None:
+        part = (
+            parts.get(args.partition)
+            if args.partition
+            else next((p for p in parts.values() if p.default), None)
+        )
+    gpus_per_fold = (
+        args.gpus_per_fold if args.gpus_per_fold is not None else (1 if part is None or part.gpus else 0)
+    )
+    tasks_per_node = max(1, gpus_per_fold)
+    cpus = args.cpus_per_task
+    if cpus is None:
+        cpus = 8 if part is None else max(1, min(8, part.cpus // tasks_per_node))
+    req = slurm.Request(partition=args.partition, time_min=args.time, nodes=args.nodes, tasks_per_node=tasks_per_node,
+                        gpus_per_node=gpus_per_fold, cpus_per_task=cpus, mem=args.mem,
+                        array_parallelism=args.array_parallelism, signal_delay_s=args.signal_delay,
+                        max_requeues=args.max_requeues, job_name=f"steel-{run_dir.name}")  # fmt: skip
+    if parts is not None:
+        part = slurm.check_request(req, parts)
+    else:
+        print("launch: no sinfo/squeue here: the request is not checked against a cluster", file=sys.stderr)
+    accelerator = "gpu" if gpus_per_fold else "cpu"
+    cwd = os.getcwd()
+    tasks = [
+        slurm.FoldTask(
+            f.k,
+            [
+                *fit_args(args.config, f.k, run_dir, overrides, tasks_per_node, accelerator, args.nodes),
+                *slurm.FIT_ARGS,
+            ],
+            str(f.dir),
+            cwd,
+            fold_env(experiment),
+        )
+        for f in todo
+    ]
     folder = run_dir / "slurm"
     folder.mkdir(parents=True, exist_ok=True)
-    params = dict(nodes=args.nodes, ntasks_per_node=max(1, args.gpus_per_fold), gpus_per_node=args.gpus_per_fold or None,
-                  cpus_per_task=args.cpus_per_task, partition=args.partition, time=args.time, mem=args.mem)  # fmt: skip
-    write_text(folder / "commands.txt", "".join(f"fold {f.k}: {shlex.join(c)}\n" for f, c in zip(todo, cmds)))
-    sbatch = _make_sbatch_string(command=f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}",
-                                 folder=str(folder), job_name=f"steel-{run_dir.name}", map_count=len(todo),
-                                 array_parallelism=args.array_parallelism, **params)  # fmt: skip
-    write_text(folder / "array.sbatch", sbatch)
+    write_text(folder / "commands.txt",
+               "".join(f"fold {t.fold}: steel fit {shlex.join(t.fit_args)}\n" for t in tasks))  # fmt: skip
+    where = f"partition {part.name}" if part else "the default partition"
+    ids, _ = slurm.submit(tasks, folder, req, dry_run=args.dry_run)
     if args.dry_run:
-        print(
-            f"launch: dry run; array of {len(todo)} fold(s) written to {folder / 'array.sbatch'} and {folder / 'commands.txt'}"
-        )
+        print(f"launch: dry run; array of {len(tasks)} fold(s) on {where} ({gpus_per_fold} GPU(s), {cpus} CPU(s) "
+              f"per task) written to {folder / 'array.sbatch'} and {folder / 'commands.txt'}; `sbatch "
+              f"{folder / 'array.sbatch'}` submits it as is")  # fmt: skip
         return 0
-    executor = submitit.AutoExecutor(folder=str(folder), cluster=args.cluster)
-    executor.update_parameters(slurm_partition=args.partition, timeout_min=args.time, nodes=args.nodes,
-                               tasks_per_node=max(1, args.gpus_per_fold), gpus_per_node=args.gpus_per_fold,
-                               cpus_per_task=args.cpus_per_task, slurm_array_parallelism=args.array_parallelism,
-                               name=f"steel-{run_dir.name}")  # fmt: skip
-    if args.mem:
-        executor.update_parameters(slurm_mem=args.mem)
-    with executor.batch():  # one array job, a task per fold
-        jobs = [executor.submit(submitit.helpers.CommandFunction(c, cwd=os.getcwd())) for c in cmds]
-    for f, j in zip(todo, jobs):
-        print(f"fold {f.k}: submitted as job {j.job_id}")
-    write_json(folder / "jobs.json", {str(f.k): j.job_id for f, j in zip(todo, jobs)})
-    print(
-        "launch: when the array has finished, run the same command again: it marks the finished folds done and builds the OOF store"
-    )
+    jobs_file = folder / "jobs.json"
+    jobs = read_json(jobs_file) if jobs_file.is_file() else {}
+    for f, jid in zip(todo, ids):
+        jobs[str(f.k)] = {"job_id": jid, "submitted": time.time()}
+        print(
+            f"fold {f.k}: submitted as SLURM job {jid}"
+            + (" (resumes from last.ckpt)" if (f.dir / "last.ckpt").is_file() else "")
+        )
+    write_json(jobs_file, jobs)
+    print(f"launch: {len(ids)} task(s) on {where}, {gpus_per_fold} GPU(s) and {cpus} CPU(s) per task, logs in {folder}; "
+          "`--status` shows where they are; run the same command again when they have finished to build the OOF store")  # fmt: skip
     return 0
 
 
+# ---- command line --------------------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="experiment YAML (experiments/NAME.yaml)")
-    p.add_argument(
-        "--folds", default=None, help="folds to run, e.g. 0-9 or 0,3,5 (default: all of the split)"
-    )
-    p.add_argument(
-        "--folds-csv", default=None, help="fold assignment CSV (default: data.folds_csv of the config)"
-    )
-    p.add_argument("--data-dir", default=None, help="data directory (default: data.data_dir of the config)")
-    p.add_argument("--run-dir", default=None, help="run directory (default runs/<config name>)")
-    p.add_argument("--gpus", default=None, help="GPU ids to use, e.g. 0,1,2,3 (default: CPU)")
-    p.add_argument("--gpus-per-fold", type=int, default=1, help="GPUs per fold; > 1 trains a fold with DDP")
-    p.add_argument("--parallel", type=int, default=1, help="folds at once on CPU")
-    p.add_argument("--retries", type=int, default=1, help="restarts of a failed fold")
-    p.add_argument("--executor", choices=["local", "slurm"], default="local")
-    p.add_argument("--no-oof", action="store_true", help="do not build the OOF store when every fold is done")
-    p.add_argument(
-        "--oof-stride", type=int, default=None, help="stride of the OOF store (default: steel oof's)"
-    )
+    def add(parser: Any, *flags: str, **kw: Any) -> None:
+        LAUNCH_FLAGS.update(parser.add_argument(*flags, **kw).option_strings)
+
+    add(p, "--config", required=True, help="experiment YAML (experiments/NAME.yaml)")
+    add(p, "--folds", default=None, help="folds to run, e.g. 0-9 or 0,3,5 (default: all of the split)")
+    add(p, "--folds-csv", default=None, help="fold assignment CSV (default: data.folds_csv of the config)")
+    add(p, "--data-dir", default=None, help="data directory (default: data.data_dir of the config)")
+    add(p, "--run-dir", default=None, help="run directory (default runs/<config name>)")
+    add(p, "--gpus", default=None, help="local GPU ids to use, e.g. 0,1,2,3 (default: CPU)")
+    add(p, "--gpus-per-fold", type=int, default=None,
+        help="GPUs per fold; > 1 trains a fold with DDP (default 1; SLURM: 1 on a GPU partition, else 0)")  # fmt: skip
+    add(p, "--parallel", type=int, default=1, help="folds at once on CPU")
+    add(p, "--retries", type=int, default=1, help="restarts of a failed fold that wrote a new last.ckpt")
+    add(p, "--executor", choices=["local", "slurm"], default="local")
+    add(p, "--status", action="store_true", help="print each fold's state, write summary.json, start nothing")
+    add(p, "--no-oof", action="store_true", help="do not build the OOF store when every fold is done")
+    add(p, "--oof-stride", type=int, default=None, help="stride of the OOF store (default: steel oof's)")
     g = p.add_argument_group("slurm")
-    g.add_argument("--partition", default=None)
-    g.add_argument("--time", type=int, default=24 * 60, help="minutes per fold")
-    g.add_argument("--nodes", type=int, default=1)
-    g.add_argument("--cpus-per-task", type=int, default=8)
-    g.add_argument("--mem", default=None, help="e.g. 64G")
-    g.add_argument("--array-parallelism", type=int, default=10)
-    g.add_argument(
-        "--cluster", default=None, help="submitit cluster: slurm (default when sbatch exists), local, debug"
+    add(g, "--partition", default=None, help="default: the cluster's default partition")
+    add(g, "--time", type=int, default=24 * 60, help="minutes per task (a requeued task gets them again)")
+    add(g, "--nodes", type=int, default=1)
+    add(
+        g,
+        "--cpus-per-task",
+        type=int,
+        default=None,
+        help="per GPU process (default: min(8, node CPUs / tasks))",
     )
-    g.add_argument(
-        "--dry-run", action="store_true", help="write the sbatch array script and commands, submit nothing"
-    )
+    add(g, "--mem", default=None, help="per node, e.g. 64G (default: the partition's)")
+    add(g, "--array-parallelism", type=int, default=10)
+    add(g, "--signal-delay", type=int, default=120,
+        help="seconds before the time limit at which a fold saves last.ckpt and is requeued")  # fmt: skip
+    add(g, "--max-requeues", type=int, default=3, help="requeues of a fold that reaches its time limit")
+    add(g, "--dry-run", action="store_true",
+        help="write RUN_DIR/slurm/array.sbatch (exactly what would be submitted; works with sbatch), submit nothing")  # fmt: skip
     p.add_argument(
         "overrides", nargs=argparse.REMAINDER, help="-- then LightningCLI overrides for every fold"
     )
 
 
 def main(args: argparse.Namespace) -> int:
-    overrides = [a for a in args.overrides if a != "--"] if args.overrides else []
+    overrides = list(args.overrides or [])
+    if overrides and overrides[0] == "--":
+        overrides = overrides[1:]
+    check_overrides(overrides)
+    if args.executor == "slurm" and args.gpus:
+        raise SteelError("--gpus picks GPUs of this machine; with --executor slurm ask for --gpus-per-fold N")
     cfg = _experiment(args.config)
+    experiment = Path(args.config).stem
     data_cfg = (cfg.get("data") or {}).get("init_args", cfg.get("data") or {})
     data_dir = args.data_dir or _override(overrides, "data.data_dir") or data_cfg.get("data_dir")
     if data_dir is None:
         raise SteelError("no data dir: pass --data-dir or set data.data_dir in the config")
     if not Path(data_dir, "train_images").is_dir():
         raise SteelError(f"{data_dir}: no train_images/ (make data with `steel synth` or download Kaggle's)")
-    overrides = (
-        [*overrides, "--data.data_dir", str(data_dir)]
-        if _override(overrides, "data.data_dir") is None
-        else overrides
-    )
+    if _override(overrides, "data.data_dir") is None:
+        overrides = [*overrides, "--data.data_dir", str(data_dir)]
     folds_csv = args.folds_csv or _override(overrides, "data.folds_csv") or data_cfg.get("folds_csv")
     overrides = _drop(overrides, "data.folds_csv")
-    run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
+    run_dir = Path(args.run_dir or Path("runs") / experiment)
     split = prepare_run_dir(run_dir, args.config, folds_csv, overrides)
     n_folds = int(split["fold"].max()) + 1
     folds = [Fold(k, run_dir / f"fold-{k}") for k in parse_folds(args.folds, n_folds)]
+    refuse_other_split(folds, run_dir)
     for f in folds:
-        if (
-            not (f.dir / "done.json").is_file()
-            and (f.dir / "metrics.json").is_file()
-            and (f.dir / "best.ckpt").is_file()
-        ):
-            # finished outside this launcher (a SLURM task, a manual `steel fit`): metrics.json is written at fit end
-            write_json(
-                f.dir / "done.json",
-                {"fold": f.k, "attempts": 0, "finished": time.time(), **read_json(f.dir / "metrics.json")},
-            )
-        if (f.dir / "done.json").is_file():
-            f.state, f.info = "skipped", read_json(f.dir / "done.json")
+        if fold_done(f.dir):
+            f.state, f.info = "done", read_json(f.dir / METRICS_FILE)
             print(f"fold {f.k}: already done (best val/dice {_fmt(f.info.get('best_val_dice'))}), skipped")
-    if args.executor == "slurm" and any(f.state == "queued" for f in folds):
-        return submit_slurm(args, folds, run_dir, overrides)
-    launcher = LocalLauncher(folds, args.config, run_dir, overrides, parse_gpus(args.gpus), args.gpus_per_fold,
-                             args.parallel, args.retries)  # fmt: skip
+    if args.executor == "slurm":
+        return run_slurm(args, folds, run_dir, overrides, n_folds, experiment)
+    if args.status:
+        for f in folds:
+            if f.state != "done":
+                f.state = "partial" if (f.dir / "last.ckpt").is_file() else "not run"
+        print(table(folds))
+        summarise(run_dir, folds, experiment, "local", log_wandb=False)
+        return 0
+    gpus = parse_gpus(args.gpus)
+    if gpus:
+        check_gpus(gpus)
+    launcher = LocalLauncher(folds, args.config, run_dir, overrides, gpus, 1 if args.gpus_per_fold is None else args.gpus_per_fold,
+                             args.parallel, args.retries, experiment=experiment)  # fmt: skip
     old = signal.signal(signal.SIGTERM, _sigterm)
     try:
         launcher.run()
@@ -434,34 +680,14 @@ def main(args: argparse.Namespace) -> int:
     finally:
         signal.signal(signal.SIGTERM, old)
     print(launcher.table())
-    summary = summarise(run_dir, folds, Path(args.config).stem)
+    summary = summarise(run_dir, folds, experiment, "local")
     if summary["cv_mean"] is not None:
-        print(
-            f"CV best val/dice: {summary['cv_mean']:.4f} +- {summary['cv_std']:.4f} over {len(folds) - len(summary['failed'])} fold(s)"
-        )
+        n_done = sum(f.state == "done" for f in folds)
+        print(f"CV best val/dice: {summary['cv_mean']:.4f} +- {summary['cv_std']:.4f} over {n_done} fold(s)")
     if summary["failed"]:
-        print(f"launch: fold(s) {summary['failed']} failed", file=sys.stderr)
+        for f in folds:
+            if f.state == "failed":
+                print(f"launch: fold {f.k} failed: {f.cause} (log {f.dir / 'train.log'})", file=sys.stderr)
         return 1
-    all_done = all((run_dir / f"fold-{k}" / "done.json").is_file() for k in range(n_folds))
-    if all_done and not args.no_oof:
-        from steel.oof import build_oof
-
-        build_oof(run_dir, stride=args.oof_stride)
-    elif not all_done:
-        print(f"launch: OOF waits until all {n_folds} folds of the split are done")
+    build_oof_if_complete(args, run_dir, n_folds)
     return 0
-
-
-def _drop(overrides: list[str], key: str) -> list[str]:
-    out, skip = [], False
-    for a in overrides:
-        if skip:
-            skip = False
-            continue
-        if a == f"--{key}":
-            skip = True
-            continue
-        if a.startswith(f"--{key}="):
-            continue
-        out.append(a)
-    return out

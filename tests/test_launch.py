@@ -1,9 +1,14 @@
-"""steel launch: fold processes on CPU, queueing on GPU slots, kill + resume, SLURM array building, OOF."""
+"""steel launch: fold processes on CPU, queueing on GPU slots, kill + resume, retries only where they can help,
+refusals before anything runs (reversed ranges, launch options after --, missing GPUs, another split), the SLURM
+dry run without a cluster, and the W&B lineage of every stage (read from the offline run files).
+
+Every launch here says --executor local: with sbatch on PATH (CI starts a SLURM cluster) that is not implied."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,23 +20,23 @@ import pandas as pd
 import pytest
 
 from steel.errors import SteelError
-from steel.launch import Fold, LocalLauncher, parse_folds, parse_gpus
+from steel.launch import Fold, LocalLauncher, error_line, parse_folds, parse_gpus
 from steel.oof import OOFStore
+from steel.rundir import fold_done
 from tests.conftest import run_steel
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = [
-    "--trainer.max_epochs",
-    "2",
-    "--trainer.check_val_every_n_epoch",
-    "1",
-    "--trainer.logger",
-    "CSVLogger",
-    "--data.batch_size",
-    "8",
-    "--trainer.log_every_n_steps",
-    "1",
-]
+TINY = ROOT / "experiments" / "tiny.yaml"
+FAST = ["--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1", "--data.batch_size", "8",
+        "--trainer.log_every_n_steps", "1"]  # fmt: skip
+
+# a fake `steel fit` that leaves a finished fold (fold_done: best.ckpt, last.ckpt, metrics.json "complete")
+FINISHED_FOLD = (
+    "import json, os, sys, time; d = sys.argv[1]; os.makedirs(d, exist_ok=True); time.sleep(0.3);"
+    "[open(os.path.join(d, n), 'w').write('x') for n in ('best.ckpt', 'last.ckpt')];"
+    "json.dump({'complete': True, 'best_val_dice': 0.5, 'cvd': os.environ['CUDA_VISIBLE_DEVICES'],"
+    " 'devices': sys.argv[2], 'job_type': os.environ.get('WANDB_JOB_TYPE')}, open(os.path.join(d, 'metrics.json'), 'w'))"
+)
 
 
 def test_parse_folds_and_gpus():
@@ -40,114 +45,256 @@ def test_parse_folds_and_gpus():
         parse_folds("8-10", 10)
     with pytest.raises(SteelError, match="expected e.g. 0-9"):
         parse_folds("a-b", 10)
+    with pytest.raises(SteelError, match=r"range 3-1 is reversed \(write 1-3\)"):
+        parse_folds("3-1", 10)
+    for empty in ("", "0,,2", "-"):
+        with pytest.raises(SteelError, match="expected e.g. 0-9"):
+            parse_folds(empty, 10)
     assert parse_gpus("0, 1,3") == ["0", "1", "3"] and parse_gpus(None) == []
+
+
+def test_error_line_picks_the_cause():
+    tb = "Traceback (most recent call last):\n  File x\npytorch_lightning.utilities.exceptions.MisconfigurationException: No supported gpu backend found!\n"
+    assert (
+        error_line("# attempt 1: steel fit\n" + tb)
+        == "MisconfigurationException: No supported gpu backend found!"
+    )
+    assert (
+        error_line("usage: steel fit\nsteel fit: error: data/x: no train_images/\n")
+        == "data/x: no train_images/"
+    )
+    assert error_line('usage: ...\nerror: Parser key "trainer.max_epoch": not expected\n').startswith(
+        "Parser key"
+    )
+    assert error_line("") == "no output"
 
 
 def test_gpu_slots_queue_folds_with_their_devices(tmp_path, monkeypatch):
     """4 GPUs, 2 per fold, 5 folds: two at a time, each process sees only its pair (real processes)."""
     import steel.launch as launch
 
-    script = (
-        "import json, os, sys, time; d = sys.argv[1]; os.makedirs(d, exist_ok=True); time.sleep(0.3);"
-        "json.dump({'best_val_dice': 0.5, 'cvd': os.environ['CUDA_VISIBLE_DEVICES'], 'devices': sys.argv[2]},"
-        " open(os.path.join(d, 'metrics.json'), 'w'))"
-    )
-
     def fake_command(config, k, run_dir, overrides, devices, accelerator):
-        return [sys.executable, "-c", script, str(run_dir / f"fold-{k}"), f"{accelerator}:{devices}"]
+        return [sys.executable, "-c", FINISHED_FOLD, str(run_dir / f"fold-{k}"), f"{accelerator}:{devices}"]
 
     monkeypatch.setattr(launch, "fold_command", fake_command)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
     folds = [Fold(k, tmp_path / f"fold-{k}") for k in range(5)]
     lnch = LocalLauncher(folds, "x.yaml", tmp_path, [], ["0", "1", "2", "3"], 2, 1, retries=0, poll=0.05)
     assert lnch.slots == [["0", "1"], ["2", "3"]]
     lnch.run(table_every=1e9)
     seen = [json.loads((tmp_path / f"fold-{k}" / "metrics.json").read_text()) for k in range(5)]
-    assert all(f.state == "done" for f in folds) and all((f.dir / "done.json").is_file() for f in folds)
+    assert all(f.state == "done" for f in folds) and all(fold_done(f.dir) for f in folds)
     assert {s["cvd"] for s in seen} == {"0,1", "2,3"} and {s["devices"] for s in seen} == {"gpu:2"}
+    assert {s["job_type"] for s in seen} == {"train"}  # the fold's W&B run is a train run
 
 
-def test_failed_fold_is_retried_then_reported(tmp_path, monkeypatch):
+def test_failed_fold_is_retried_only_after_progress(tmp_path, monkeypatch, capsys):
+    """A fold that fails before writing a last.ckpt would fail the same way again: no retry, the cause in one
+    line. A fold that wrote a new last.ckpt before dying is retried (it resumes from there)."""
     import steel.launch as launch
 
     counter = tmp_path / "attempts"
 
     def fake_command(config, k, run_dir, overrides, devices, accelerator):
-        code = f"p = {str(counter)!r}; open(p, 'a').write('x'); raise SystemExit(3)"
+        d = run_dir / f"fold-{k}"
+        code = (f"import os; p = {str(counter)!r}; open(p, 'a').write('x'); d = {str(d)!r}\n"
+                f"if {k} == 1: open(os.path.join(d, 'last.ckpt'), 'a').write('x')\n"
+                "raise ValueError('no supported gpu backend found')")  # fmt: skip
         return [sys.executable, "-c", code]
 
     monkeypatch.setattr(launch, "fold_command", fake_command)
     folds = [Fold(0, tmp_path / "fold-0")]
     LocalLauncher(folds, "x.yaml", tmp_path, [], [], 1, 1, retries=2, poll=0.05).run(table_every=1e9)
-    assert folds[0].state == "failed" and counter.read_text() == "xxx"
+    out = capsys.readouterr().out
+    assert folds[0].state == "failed" and counter.read_text() == "x"  # one attempt
+    assert "fold 0: FAILED (exit 1) after 1 attempt(s) (no new last.ckpt" in out
+    assert "ValueError: no supported gpu backend found" in out and folds[0].cause.startswith("ValueError")
+    counter.unlink()
+    folds = [Fold(1, tmp_path / "fold-1")]
+    LocalLauncher(folds, "x.yaml", tmp_path, [], [], 1, 1, retries=2, poll=0.05).run(table_every=1e9)
+    assert folds[0].state == "failed" and counter.read_text() == "xxx"  # 1 + 2 retries, each made progress
 
 
-def test_slurm_dry_run_builds_array(tmp_path, synth_dir, folds_csv):
+def _launch(*args: object, check: bool = False, timeout: float = 600) -> subprocess.CompletedProcess:
+    return run_steel("launch", "--config", TINY, *args, check=check, timeout=timeout)
+
+
+def test_bad_launch_input_is_one_line(tmp_path, synth_dir, folds_csv):
+    """Each refused before any fold starts: exit 2, one line naming the value."""
+    common = ["--config", TINY, "--data-dir", synth_dir, "--folds-csv", folds_csv, "--executor", "local"]
+    cases = [
+        (["--config", tmp_path / "nope.yaml"], "nope.yaml: experiment config not found"),
+        ([*common, "--run-dir", tmp_path / "r1", "--folds", "0-5"], "fold 3 outside 0..2"),
+        ([*common, "--run-dir", tmp_path / "r2", "--folds", "2-0"], "range 2-0 is reversed (write 0-2)"),
+        ([*common, "--run-dir", tmp_path / "r3", "--", "--trainer.max_epochs", "1", "--gpus-per-fold", "1"],
+         "--gpus-per-fold is a `steel launch` option but comes after `--`"),
+        ([*common, "--run-dir", tmp_path / "r4", "--", "--folds=0"], "--folds is a `steel launch` option"),
+        ([*common, "--run-dir", tmp_path / "r5", "--folds", "0", "--gpus", "0"],
+         "--gpus 0: this machine has no CUDA GPU that torch can use"),
+    ]  # fmt: skip
+    for args, msg in cases:
+        proc = run_steel("launch", *args, check=False)
+        err = proc.stderr.strip()
+        assert proc.returncode == 2, (args, proc.stdout, err)
+        assert msg in err and "Traceback" not in err and len(err.splitlines()) == 1, (args, err)
+    assert not list(tmp_path.glob("r*/fold-*/train.log"))  # no fold was started
+
+
+def test_fold_trained_on_another_split_is_refused(tmp_path, synth_dir, folds_csv):
+    from steel.folds import make_folds, split_hash, write_folds
+    from steel.labels import read_train
+    from steel.rundir import split_of
+    from tests._ensemble import save_checkpoint
+
+    other = tmp_path / "other.csv"
+    write_folds(make_folds(read_train(synth_dir), 3, seed=7), other)
     run = tmp_path / "run"
-    proc = run_steel("launch", "--config", ROOT / "experiments/tiny.yaml", "--run-dir", run, "--data-dir", synth_dir,
-                     "--folds-csv", folds_csv, "--executor", "slurm", "--dry-run", "--partition", "gpu", "--gpus-per-fold", "2",
-                     "--time", "90", "--folds", "0-2", "--", "--trainer.max_epochs", "30")  # fmt: skip
-    assert "dry run; array of 3 fold(s)" in proc.stdout
+    save_checkpoint(run / "fold-1" / "last.ckpt", 0, None, split_of(other, 1))  # fold 1 of another split
+    proc = _launch("--data-dir", synth_dir, "--folds-csv", folds_csv, "--run-dir", run, "--executor", "local")
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith("steel launch: error: fold 1 of ") and str(run / "fold-1" / "last.ckpt") in err
+    assert "another split" in err and split_hash(other) in err and split_hash(folds_csv) in err
+    assert not (run / "fold-0").exists()  # nothing ran
+
+
+def test_slurm_dry_run_without_a_cluster(tmp_path, synth_dir, folds_csv):
+    """No SLURM tools on PATH: --dry-run still writes the array that would be submitted (unchecked)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    os.symlink(shutil.which("cp"), bin_dir / "cp")  # all the recording sbatch needs
+    run = tmp_path / "run"
+    env = dict(os.environ, PATH=str(bin_dir))
+    proc = subprocess.run(
+        [sys.executable, "-m", "steel.cli", "launch", "--config", str(TINY), "--run-dir", str(run), "--data-dir",
+         str(synth_dir), "--folds-csv", str(folds_csv), "--executor", "slurm", "--dry-run", "--partition", "gpu",
+         "--gpus-per-fold", "2", "--time", "90", "--folds", "0-2", "--", "--trainer.max_epochs", "30"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "dry run; array of 3 fold(s)" in proc.stdout and "not checked against a cluster" in proc.stderr
     sbatch = (run / "slurm" / "array.sbatch").read_text()
-    assert "#SBATCH --array=0-2%3" in sbatch and "#SBATCH --partition=gpu" in sbatch
-    assert (
-        "#SBATCH --gpus-per-node=2" in sbatch
-        and "#SBATCH --ntasks-per-node=2" in sbatch
-        and "#SBATCH --time=90" in sbatch
-    )
+    for line in ("#SBATCH --array=0-2%3", "#SBATCH --partition=gpu", "#SBATCH --gpus-per-node=2",
+                 "#SBATCH --ntasks-per-node=2", "#SBATCH --time=90", "#SBATCH --signal=USR2@120",
+                 f"#SBATCH --output={run.resolve()}/slurm/%A_%a_0_log.out"):  # fmt: skip
+        assert line in sbatch, line
+    assert f"-m submitit.core._submit {run.resolve()}/slurm" in sbatch  # absolute folder
+    assert '_submitted.pkl" ] || cp' in sbatch  # a plain sbatch finds each task's pickle
+    assert sorted(p.name for p in (run / "slurm").iterdir()) == ["array.sbatch", "commands.txt", "tasks"]
     cmds = (run / "slurm" / "commands.txt").read_text().splitlines()
     assert len(cmds) == 3
     for k, line in enumerate(cmds):
         assert (
-            line.startswith(f"fold {k}: ")
+            line.startswith(f"fold {k}: steel fit ")
             and f"--data.fold {k} " in line
             and f"--run_dir {run}/fold-{k}" in line
         )
         assert "--trainer.devices 2 --trainer.strategy ddp" in line and "--trainer.max_epochs 30" in line
+        assert "SLURMEnvironment" in line and '"auto_requeue": false' in line
     assert (run / "folds.csv").read_text() == Path(folds_csv).read_text()
 
 
-def test_bad_launch_input_is_one_line(tmp_path, synth_dir, folds_csv):
-    proc = run_steel("launch", "--config", tmp_path / "nope.yaml", check=False)
-    assert proc.returncode == 2 and "nope.yaml: experiment config not found" in proc.stderr
-    proc = run_steel("launch", "--config", ROOT / "experiments/tiny.yaml", "--data-dir", synth_dir, "--folds-csv", folds_csv,
-                     "--run-dir", tmp_path / "r", "--folds", "0-5", check=False)  # fmt: skip
-    assert proc.returncode == 2 and "fold 3 outside 0..2" in proc.stderr and "Traceback" not in proc.stderr
-
-
 def _files(d: Path) -> dict[str, float]:
-    return {str(p.relative_to(d)): p.stat().st_mtime_ns for p in d.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(d)): p.stat().st_mtime_ns
+        for p in d.rglob("*")
+        if p.is_file() and "wandb" not in p.parts
+    }
 
 
-def test_launch_killed_then_resumed_covers_every_image_once(tmp_path, synth_dir, folds_csv):
-    """Real launch of 3 folds on CPU; SIGKILL the launcher mid-run; run again: done folds untouched."""
-    run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "steel.cli", "launch", "--config", str(ROOT / "experiments/tiny.yaml"), "--run-dir", str(run),
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, synth_dir, folds_csv) -> dict:
+    """Real launch of 3 folds on CPU (W&B offline); SIGKILL the launcher mid-run; run it again."""
+    run = tmp_path_factory.mktemp("launch") / "run"
+    cmd = [sys.executable, "-m", "steel.cli", "launch", "--config", str(TINY), "--run-dir", str(run), "--executor", "local",
            "--data-dir", str(synth_dir), "--folds-csv", str(folds_csv), "--oof-stride", "1", "--", *FAST]  # fmt: skip
     env = dict(os.environ, WANDB_MODE="offline")
     first = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT
     )
-    deadline = time.time() + 400
+    deadline = time.time() + 600
     while time.time() < deadline and not (run / "fold-1" / "last.ckpt").is_file():
         assert first.poll() is None, first.stdout.read()
         time.sleep(0.5)
-    assert (run / "fold-0" / "done.json").is_file() and not (run / "fold-1" / "done.json").is_file()
+    done0, done1 = fold_done(run / "fold-0"), fold_done(run / "fold-1")
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
     time.sleep(2)  # the fold process dies with its parent (PR_SET_PDEATHSIG)
     fold0 = _files(run / "fold-0")
-    second = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    second = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    return {"run": run, "done0": done0, "done1": done1, "fold0": fold0, "second": second}
+
+
+def test_launch_killed_then_resumed_covers_every_image_once(launched, folds_csv):
+    run, second = launched["run"], launched["second"]
+    assert launched["done0"] and not launched["done1"]
     assert second.returncode == 0, second.stdout + second.stderr
     assert "fold 0: already done" in second.stdout
     assert "fold 1: started on CPU (resuming from last.ckpt)" in second.stdout
-    assert _files(run / "fold-0") == fold0  # untouched
-    for k in range(3):
-        assert (run / f"fold-{k}" / "best.ckpt").is_file() and (run / f"fold-{k}" / "done.json").is_file()
+    assert _files(run / "fold-0") == launched["fold0"]  # untouched
+    assert all(fold_done(run / f"fold-{k}") for k in range(3))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["failed"] == [] and summary["cv_mean"] is not None and "CV best val/dice" in second.stdout
+    assert {f["state"] for f in summary["folds"].values()} == {"done"}
     store = OOFStore(run)
     split = pd.read_csv(folds_csv)
     assert sorted(store.ids) == sorted(split["ImageId"]) and len(set(store.ids)) == len(store.ids)
     assert np.array_equal(store.folds, split.set_index("ImageId").loc[store.ids, "fold"].to_numpy())
     assert store.masks.shape[-2:] == (64, 320) and store.truth.max() == 1
     assert np.isfinite(store.cls).all() and 0 <= store.cls.min() and store.cls.max() <= 1
+
+
+def wandb_runs(root: Path) -> list[dict]:
+    """Every offline W&B run under ``root``: id, job type, group, name, artifacts (name, type, digest, inputs)."""
+    from tests.conftest_training import wandb_records
+
+    runs = []
+    for f in sorted(root.rglob("offline-run-*/run-*.wandb")):
+        run: dict = {"dir": f.parent, "artifacts": []}
+        for r in wandb_records(f):
+            kind = r.WhichOneof("record_type")
+            if kind == "run":
+                run.update(
+                    id=r.run.run_id, job_type=r.run.job_type, group=r.run.run_group, name=r.run.display_name
+                )
+            elif kind == "artifact":
+                meta = json.loads(r.artifact.metadata or "{}")
+                run["artifacts"].append({"name": r.artifact.name, "type": r.artifact.type, "digest": r.artifact.digest,
+                                         "inputs": meta.get("inputs", [])})  # fmt: skip
+        runs.append(run)
+    return runs
+
+
+def test_wandb_lineage_of_every_stage(launched, tmp_path):
+    """Fold runs are train runs of the group and log their checkpoints; oof, sweep, blend and export log their own
+    runs whose artifacts name their inputs by digest: checkpoints -> OOF -> thresholds -> exported file."""
+    run = launched["run"]
+    assert launched["second"].returncode == 0
+    run_steel("sweep", run, "--trials", 5)
+    ens = tmp_path / "ens"
+    run_steel("blend", run, "--out", ens)
+    exported = tmp_path / "tiny.pt2"
+    run_steel("export", run, "--out", exported)
+    runs = wandb_runs(run) + wandb_runs(ens)
+    by_type: dict[str, list] = {}
+    for r in runs:
+        by_type.setdefault(r["job_type"], []).append(r)
+    arts = {a["name"]: a for r in runs for a in r["artifacts"]}
+    trained = {r["id"] for r in by_type["train"] if not r["artifacts"]}  # the folds' own (Lightning) runs
+    for k in range(3):
+        a = arts[f"run-fold-{k}"]
+        assert a["type"] == "model"
+        producer = next(r for r in by_type["train"] if a in r["artifacts"])
+        assert producer["id"] in trained and producer["group"] == "tiny" and producer["name"] == f"fold-{k}"
+    oof = arts["run-oof"]
+    assert by_type["oof"] and {i["digest"] for i in oof["inputs"]} == {
+        arts[f"run-fold-{k}"]["digest"] for k in range(3)
+    }
+    thr = arts["run-thresholds"]
+    assert [i["digest"] for i in thr["inputs"]] == [oof["digest"]] and by_type["sweep"]
+    assert (
+        by_type["blend"] and arts["ens-oof"]["inputs"] == oof["inputs"]
+    )  # the blend of one run: its checkpoints
+    exp = arts["tiny.pt2"]
+    assert exp["type"] == "exported-model" and by_type["export"]
+    assert thr["digest"] in {i["digest"] for i in exp["inputs"]}
