@@ -288,7 +288,7 @@ class SteelCLI(LightningCLI):
     # -- after the trainer methods
     def after_fit(self) -> None:
         trainer, run_dir = self.trainer, Path(self.config.fit.run_dir)
-        if trainer.is_global_zero and not fold_done(run_dir):
+        if trainer.is_global_zero and not trainer.fast_dev_run and not fold_done(run_dir):
             missing = [n for n in ("best.ckpt", "last.ckpt", METRICS_FILE) if not (run_dir / n).is_file()]
             raise SteelError(
                 f"{run_dir}: fit ended without {', '.join(missing) or 'a complete metrics.json'} "
