@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def one_line(message: str) -> str:
     """A user error as one line: the last line of a traceback text (a SteelError raised in a DataLoader worker
-    comes back wrapped with the worker's traceback), else the message's lines joined."""
+    comes back wrapped with the worker's traceback); the first and last line of a long message (jsonargparse:
+    'Parser key "trainer.logger":' ... 'Given value: X'); else the lines joined."""
     lines = [line.strip() for line in str(message).splitlines() if line.strip()]
     if not lines:
         return "error"
@@ -65,7 +66,16 @@ def one_line(message: str) -> str:
         for prefix in ("steel.errors.SteelError: ", "SteelError: "):
             last = last.removeprefix(prefix)
         return last
-    return " ".join(lines)
+    return " ".join(lines) if len(lines) <= 3 else f"{lines[0]} {lines[-1]}"
+
+
+def _is_misconfiguration(e: Exception) -> bool:
+    """Whether ``e`` is Lightning's error for a bad Trainer setting (e.g. --trainer.max_epochs -5)."""
+    if "pytorch_lightning" not in sys.modules:
+        return False
+    from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+    return isinstance(e, MisconfigurationException)
 
 
 def _remove_unused_run_dir(cli: object) -> None:
@@ -141,6 +151,11 @@ def main(argv: list[str] | None = None) -> int:
     except (SteelError, argparse.ArgumentError) as e:  # ArgumentError: a config LightningCLI rejects
         hint = f" (see steel {name} --help)" if isinstance(e, argparse.ArgumentError) else ""
         print(f"steel {name}: error: {one_line(str(e))}{hint}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if not _is_misconfiguration(e):
+            raise
+        print(f"steel {name}: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"steel {name}: interrupted", file=sys.stderr)

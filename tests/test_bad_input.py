@@ -350,6 +350,8 @@ FIT_CASES = [
         "data/train.csv: empty",
     ),
     Case("fit-empty-folds-csv", lambda d: (d / "folds.csv").write_text("") or fit(), "folds.csv: empty"),
+    Case("fit-bad-logger", lambda d: fit("--trainer.logger", "NoSuchLogger"), "NoSuchLogger"),
+    Case("fit-negative-epochs", lambda d: fit("--trainer.max_epochs", "-5"), "-5"),
     Case(
         "fit-resume-missing-checkpoint",
         lambda d: fit("--ckpt_path", "nope.ckpt"),
