@@ -1,8 +1,11 @@
 """Training-suite fixtures (pytest plugin; test files load it with ``pytest_plugins``).
 
-Relies on the lead's ``synth_dir`` / ``folds_csv`` session fixtures (tests/conftest.py). ``tiny_run`` trains
-experiments/tiny.yaml once per session through the real ``steel fit`` command (W&B offline) and is shared by
-the module, experiment, W&B and DDP tests.
+Relies on the ``synth_dir`` / ``folds_csv`` session fixtures (tests/conftest.py). Two session runs, both
+``steel fit`` in this process (no interpreter start, nothing here tests an exit status):
+  ``tiny_run``     experiments/tiny.yaml cut to the fewest steps that prove the plumbing (2 epochs of 2 batches,
+                   each epoch validated, W&B offline): run-dir files, checkpoints, W&B records, DDP validation.
+  ``learned_run``  the one learning run: tiny.yaml on 32x160 synthetic images, whole images, 150 steps; its
+                   val/dice must beat predicting nothing (it does by 0.04-0.06 on seeds 0-4 and 42).
 """
 
 from __future__ import annotations
@@ -10,12 +13,16 @@ from __future__ import annotations
 import os
 import struct
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+import pytorch_lightning as pl
+import torch
+
+from tests.conftest import HANG_GUARD_S, make_synth, run_steel, steel_in_process
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -24,36 +31,40 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
 TINY = EXPERIMENTS / "tiny.yaml"
+# the plumbing run: 2 epochs x 2 batches of 4 crops, validated after each epoch, every step logged
+TINY_PLUMBING = ("--trainer.max_epochs", 2, "--trainer.limit_train_batches", 2, "--trainer.check_val_every_n_epoch", 1,
+                 "--trainer.log_every_n_steps", 1)  # fmt: skip
+# the learning run: 32x160 images, no crop, batches of 8, 30 epochs x 5 steps, validated every 3 epochs
+LEARN_SHAPE = (32, 160)
+TINY_LEARNING = ("--trainer.max_epochs", 30, "--trainer.check_val_every_n_epoch", 3, "--data.train_crop", "null",
+                 "--data.batch_size", 8, "--trainer.logger", "false", "--trainer.enable_progress_bar", "false")  # fmt: skip
 
 
 def steel(
-    *args: object, cwd: str | os.PathLike | None = None, timeout: float = 600, env: dict | None = None
+    *args: object,
+    cwd: str | os.PathLike | None = None,
+    timeout: float = HANG_GUARD_S,
+    env: dict | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run the real ``steel`` command line (``python -m steel.cli``) on CPU with W&B offline; text output."""
-    full_env = {
-        **os.environ,
-        "WANDB_MODE": "offline",
-        "WANDB_SILENT": "true",
-        "CUDA_VISIBLE_DEVICES": "",
-        **(env or {}),
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "steel.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd or REPO,
-        timeout=timeout,
-        env=full_env,
-    )
+    """Run the real ``steel`` command line in a subprocess (CPU, W&B offline); text output, not checked."""
+    base = {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "CUDA_VISIBLE_DEVICES": ""}
+    return run_steel(*args, check=False, cwd=cwd or REPO, timeout=timeout, env={**base, **(env or {})})
 
 
 def check(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     """Raise with the process output if it failed."""
     if proc.returncode != 0:
         raise AssertionError(
-            f"{' '.join(proc.args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+            f"{' '.join(map(str, proc.args))} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
         )
     return proc
+
+
+def fit(config: Path, data_dir: Path, folds: Path, run_dir: Path, *extra: object) -> Path:
+    """``steel fit --config CONFIG`` on fold 0 of ``data_dir`` in this process; returns the run dir."""
+    steel_in_process("fit", "--config", config, "--data.data_dir", data_dir, "--data.folds_csv", folds,
+                     "--data.fold", 0, "--run_dir", run_dir, *extra)  # fmt: skip
+    return run_dir
 
 
 def empty_baseline(data_dir: Path, folds_csv: Path, fold: int) -> float:
@@ -92,36 +103,67 @@ def wandb_records(path: str | os.PathLike, block: int = 32768) -> Iterator[objec
             parts = (parts if kind == 3 else b"") + chunk
 
 
+class Probe(pl.Callback):
+    """A callback (``--trainer.callbacks+=tests.conftest_training.Probe``) that records what a fit really ran
+    into ``Probe.seen`` (LightningCLI builds the instance): optimiser, schedulers, sampler, augmentations, batch
+    shapes and dtypes, losses, learning rates, logged metrics and how many weight tensors moved."""
+
+    seen: dict[str, Any] = {}
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        Probe.seen = {
+            "optimizer": type(trainer.optimizers[0]).__name__,
+            "schedulers": [type(c.scheduler).__name__ for c in trainer.lr_scheduler_configs],
+            "sampler": type(trainer.train_dataloader.sampler).__name__,
+            "augs": [type(t).__name__ for t in trainer.datamodule.train_transform.augs.transforms],
+            "weights": {
+                k: v.detach().clone() for k, v in module.state_dict().items() if v.is_floating_point()
+            },
+            "batches": [],
+            "lrs": [],
+        }
+
+    def on_train_batch_end(self, trainer: pl.Trainer, module: pl.LightningModule, outputs: Any, batch: dict,
+                           batch_idx: int) -> None:  # fmt: skip
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        image, mask = batch["image"], batch["mask"]
+        Probe.seen["batches"].append((tuple(image.shape), image.dtype, tuple(mask.shape), float(loss)))
+        Probe.seen["lrs"].append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        before, after = Probe.seen.pop("weights"), module.state_dict()
+        Probe.seen["moved"] = sum(not bool(torch.equal(after[k], v)) for k, v in before.items())
+        Probe.seen["metrics"] = sorted(trainer.callback_metrics)
+
+
 @pytest.fixture(scope="session")
 def tiny_run(synth_dir: Path, folds_csv: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Run dir of ``steel fit --config experiments/tiny.yaml`` on the synthetic data, fold 0 (W&B offline)."""
-    run_dir = tmp_path_factory.mktemp("tiny") / "fold-0"
-    check(
-        steel(
-            "fit",
-            "--config",
-            TINY,
-            "--data.data_dir",
-            synth_dir,
-            "--data.folds_csv",
-            folds_csv,
-            "--data.fold",
-            0,
-            "--run_dir",
-            run_dir,
-        )
-    )
-    return run_dir
+    """Run dir of the plumbing fit (tiny.yaml, 2 epochs x 2 batches, W&B offline) on the synthetic data, fold 0."""
+    return fit(TINY, synth_dir, folds_csv, tmp_path_factory.mktemp("tiny") / "fold-0", *TINY_PLUMBING)
 
 
 @pytest.fixture(scope="session")
-def tiny_baseline(synth_dir: Path, folds_csv: Path) -> float:
-    return empty_baseline(synth_dir, folds_csv, 0)
+def small_synth(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(data dir, folds csv): 60 train + 4 test synthetic images of 32x160, 3 folds."""
+    data = make_synth(tmp_path_factory.mktemp("small") / "data", 60, 4, 3, LEARN_SHAPE)
+    folds = data.parent / "folds.csv"
+    steel_in_process("folds", data, "--n-folds", 3, "--seed", 42, "--out", folds)
+    return data, folds
+
+
+@pytest.fixture(scope="session")
+def learned_run(small_synth: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Run dir of the learning fit (module docstring)."""
+    data, folds = small_synth
+    return fit(TINY, data, folds, tmp_path_factory.mktemp("learn") / "fold-0", *TINY_LEARNING)
+
+
+@pytest.fixture(scope="session")
+def learned_baseline(small_synth: tuple[Path, Path]) -> float:
+    return empty_baseline(*small_synth, 0)
 
 
 @pytest.fixture
 def seeded() -> None:
-    import torch
-
     np.random.seed(0)
     torch.manual_seed(0)

@@ -1,12 +1,23 @@
-from tests.conftest import run_steel
+from tests.conftest import run_steel, steel_in_process
 
 
-def test_help_lists_every_command():
-    out = run_steel("--help").stdout
-    for cmd in (
+def test_help_lists_every_command(monkeypatch):
+    import re
+
+    monkeypatch.setenv("COLUMNS", "200")  # argparse wraps help lines to the terminal width
+    from steel import __version__
+    from steel.cli import COMMANDS
+
+    out = steel_in_process("--help").stdout
+    # the command table: "    name   help text", one line per registered command, in registry order
+    listed = re.findall(r"^    (\w+)\s{2,}(\S.*)$", out, flags=re.MULTILINE)
+    assert [name for name, _ in listed] == list(COMMANDS)
+    assert {name: text for name, text in listed} == {name: text for name, (_, text) in COMMANDS.items()}
+    core = {
         "synth",
         "folds",
         "fit",
+        "validate",
         "launch",
         "oof",
         "sweep",
@@ -15,8 +26,11 @@ def test_help_lists_every_command():
         "predict",
         "score",
         "demo",
-    ):
-        assert cmd in out
+    }
+    assert core <= set(COMMANDS)  # the CLI contract of ARCHITECTURE.md
+    assert steel_in_process("--version").stdout.strip() == f"steel {__version__}"
+    bare = steel_in_process()  # no command: the same help
+    assert re.findall(r"^    (\w+)\s{2,}", bare.stdout, flags=re.MULTILINE) == list(COMMANDS)
 
 
 def test_user_mistakes_are_one_line(tmp_path):
@@ -26,7 +40,16 @@ def test_user_mistakes_are_one_line(tmp_path):
         and proc.stderr.strip()
         == f"steel folds: error: {tmp_path / 'nope'}: not found; expected a data directory with train.csv and train_images/"
     )
+    # a missing submission, with valid truth and images: the one line names the file
+    import cv2
+    import numpy as np
+
+    (tmp_path / "imgs").mkdir()
+    cv2.imwrite(str(tmp_path / "imgs" / "a.jpg"), np.zeros((4, 5), np.uint8))
+    (tmp_path / "t.csv").write_text("ImageId,ClassId,EncodedPixels\na.jpg,1,1 2\n")
     proc = run_steel(
-        "score", tmp_path / "x.csv", "--truth", tmp_path / "t.csv", "--images", tmp_path, check=False
+        "score", tmp_path / "x.csv", "--truth", tmp_path / "t.csv", "--images", tmp_path / "imgs", check=False
     )
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"steel score: error: {tmp_path / 'x.csv'}: "), proc.stderr

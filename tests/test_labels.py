@@ -5,7 +5,7 @@ import pytest
 from steel import rle
 from steel.errors import SteelError
 from steel.labels import read_submission, read_train, write_submission
-from tests.conftest import SYNTH_SHAPE, run_steel
+from tests.conftest import SYNTH_SHAPE, make_synth, steel_in_process
 
 
 def _fake_data(tmp_path, csv_text, images=("a.jpg", "b.jpg", "c.jpg")):
@@ -65,10 +65,10 @@ def test_bad_input_names_the_problem(tmp_path, csv, message):
     d = _fake_data(tmp_path, csv)
     with pytest.raises(SteelError, match=message):
         read_train(d)
-    proc = run_steel("folds", d, "--n-folds", 2, "--out", tmp_path / "f.csv", check=False)
-    assert proc.returncode == 2
-    assert message.split(":")[-1].strip().split("'")[0] in proc.stderr
-    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    proc = steel_in_process("folds", d, "--n-folds", 2, "--out", tmp_path / "f.csv", check=False)
+    assert proc.returncode == 2 and not (tmp_path / "f.csv").exists()
+    (line,) = proc.stderr.strip().splitlines()  # one line (the real-process exit path: tests/test_cli.py)
+    assert line.startswith("steel folds: error: ") and message.split(":")[-1].strip().split("'")[0] in line
 
 
 def test_submission_round_trip_both_formats(tmp_path):
@@ -102,7 +102,7 @@ def test_synth_layout_and_determinism(synth_dir, tmp_path):
             assert rle.decode(s, SYNTH_SHAPE).sum() == getattr(r, f"area_{c}")
     # same seed, same data
     again = tmp_path / "again"
-    run_steel("synth", again, "--n-train", 60, "--n-test", 20, "--seed", 3, "--height", 64, "--width", 320)
+    make_synth(again, 60, 20, 3, SYNTH_SHAPE)
     assert (again / "train.csv").read_text() == (synth_dir / "train.csv").read_text()
     sample = pd.read_csv(synth_dir / "sample_submission.csv")
     assert len(sample) == 4 * 20

@@ -5,7 +5,7 @@ import pytest
 from steel import rle
 from steel.errors import SteelError
 from steel.metrics import CompetitionDice, dice_per_pair, score_submission
-from tests.conftest import run_steel
+from tests.conftest import run_steel, steel_in_process
 
 
 def _setup(tmp_path):
@@ -35,9 +35,11 @@ def test_score_by_hand(tmp_path):
     got = s[[f"dice_{c}" for c in range(1, 5)]].to_numpy()
     expected = np.array([[0.5, 0, 1, 1], [1, 1, 2 / 3, 1]])
     assert np.allclose(got, expected)
-    proc = run_steel("score", d / "sub.csv", "--truth", d / "truth.csv", "--images", d / "imgs")
-    assert f"mean dice {expected.mean():.5f}" in proc.stdout
-    assert "class 1: 0.75000" in proc.stdout and "class 3: 0.83333" in proc.stdout
+    proc = steel_in_process("score", d / "sub.csv", "--truth", d / "truth.csv", "--images", d / "imgs")
+    lines = proc.stdout.splitlines()
+    assert f"mean dice {expected.mean():.5f}" in lines[0]  # 0.77083
+    for c, value in zip(range(1, 5), expected.mean(0)):  # 0.75, 1, 0.83333, 1
+        assert sum(f"class {c}: {value:.5f}" in line for line in lines) == 1, (c, proc.stdout)
 
 
 def test_score_rejects_malformed(tmp_path):
@@ -81,11 +83,21 @@ def test_torchmetrics_dice_matches_numpy():
     truth = rng.uniform(size=(6, 4, 8, 9)) > 0.8
     pred[0] = False
     truth[0] = False
+    # image 1, class 1 by hand: 3 predicted pixels, 2 true, 1 shared -> 2 * 1 / (3 + 2) = 0.4
+    pred[1, 0], truth[1, 0] = False, False
+    pred[1, 0, 0, :3] = True
+    truth[1, 0, 0, 2:4] = True
+    # image 2, class 2: a prediction on an empty truth -> 0; image 0: empty/empty everywhere -> 1
+    pred[2, 1], truth[2, 1] = False, False
+    pred[2, 1, 4, 4] = True
     m = CompetitionDice()
     m.update(torch.from_numpy(pred[:3]), torch.from_numpy(truth[:3]))
     m.update(torch.from_numpy(pred[3:]), torch.from_numpy(truth[3:]))
     mean, per_class = m.compute()
     ref = dice_per_pair(pred, truth)
+    assert ref[0].tolist() == [1, 1, 1, 1] and ref[1, 0] == pytest.approx(0.4) and ref[2, 1] == 0
+    assert ((ref > 0) & (ref < 1)).sum() > 10  # mostly partial overlaps: the sums are really exercised
     assert np.isclose(mean.item(), ref.mean()) and np.allclose(per_class.numpy(), ref.mean(0))
-    assert ref[0].tolist() == [1, 1, 1, 1]
-    assert rle.encode(pred[1, 0]) != ""
+    # and the numpy reference against the RLE-level definition on one pair: |A n B| from decoded strings
+    a, b = rle.decode(rle.encode(pred[3, 2]), (8, 9)), rle.decode(rle.encode(truth[3, 2]), (8, 9))
+    assert ref[3, 2] == pytest.approx(2 * (a & b).sum() / (a.sum() + b.sum()))
