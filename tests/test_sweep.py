@@ -1,4 +1,14 @@
+"""`steel sweep`: the exact search and TPE through Optuna's public API, its study read by Optuna's own command
+line, storages, user errors, concurrent runs, kills, and thresholds.json never replaced by a worse result."""
+
+from __future__ import annotations
+
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -6,23 +16,13 @@ import optuna
 import pytest
 import yaml
 
-from steel import sweep
 from steel.errors import SteelError
 from steel.oof import OOFStore
-from steel.postprocess import ClassParams, Params
-from steel.sweep import (
-    DEFAULT_CONFIG,
-    FastDice,
-    brute_force_dice,
-    compute_stats,
-    level_index,
-    load_config,
-    load_or_compute_stats,
-    params_from_trial,
-    sweep_grids,
-    write_synthetic_oof,
-)
-from tests.conftest import run_steel
+from steel.postprocess import Params
+from steel.sweep_config import DEFAULT_CONFIG, Dim, load_config, sweep_grids
+from steel.sweep_solver import brute_force_dice
+from steel.synth import write_synthetic_oof
+from tests.conftest import HANG_GUARD_S, run_steel, steel_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,93 +43,17 @@ def run_dir(tmp_path, oof_root) -> Path:
     return tmp_path / "run"
 
 
-def vars_of(p: Params) -> dict:
-    """Optuna parameter values (``label_1``, ...) of a Params."""
-    return {
-        f"{k}_{c}": getattr(cp, k)
-        for c, cp in enumerate(p.classes, 1)
-        for k in ("label", "pixel", "min_area", "min_component")
-    }
+@pytest.fixture(autouse=True)
+def no_wandb(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
 
 
-def random_params(cfg, rng) -> Params:
-    vals = {
-        f"{k}_{c}": d.value(int(rng.integers(d.n)))
-        for c, dims in enumerate(cfg["dims"], 1)
-        for k, d in dims.items()
-    }
-    return params_from_trial(vals, cfg)
+def thresholds(run_dir: Path) -> dict:
+    return json.loads((run_dir / "thresholds.json").read_text())
 
 
-@pytest.mark.parametrize("mode", ["hard", "soft"])
-def test_fast_dice_equals_brute_force(oof_root, mode):
-    store = OOFStore(oof_root)
-    cfg = load_config(None)
-    cfg["mode"] = mode
-    pixel, comp = sweep_grids(cfg)
-    stats = compute_stats(store, pixel, comp, mode, chunk=16, progress=False)
-    fast = FastDice(stats, np.asarray(store.cls), store.folds)
-    rng = np.random.default_rng(0)
-    n_comp_active = n_area_active = 0
-    for _ in range(100):
-        p = random_params(cfg, rng)
-        f = fast.per_pair(p)
-        assert np.abs(f - brute_force_dice(store, p)).max() <= 1e-9
-        assert abs(fast.summary(p)["mean"] - brute_force_dice(store, p).mean()) <= 1e-9
-        no_comp = Params(tuple(ClassParams(c.label, c.pixel, c.min_area, 0) for c in p.classes), mode)
-        no_area = Params(tuple(ClassParams(c.label, c.pixel, 0, c.min_component) for c in p.classes), mode)
-        n_comp_active += not np.array_equal(fast.per_pair(no_comp), f)
-        n_area_active += not np.array_equal(fast.per_pair(no_area), f)
-    assert n_comp_active > 30 and n_area_active > 30  # components and min-area really change the result
-    # off-grid pixel thresholds (no component removal) go through the histograms
-    for t in (0.5, 0.123, 0.77):
-        p = Params.uniform(0.4, t, 300, 0, mode)
-        assert np.abs(fast.per_pair(p) - brute_force_dice(store, p)).max() <= 1e-9
-    with pytest.raises(ValueError, match="not in the precomputed grid"):
-        fast.per_pair(Params.uniform(0.5, 0.123, 0, 100, mode))
-
-
-def test_level_index_matches_thresholding():
-    q = np.arange(256, dtype=np.uint8)
-    prob = q.astype(np.float32) / 255.0  # as OOFStore.probs
-    pix = np.array([0.0, 0.3, 0.5, 0.55, 0.6, 1 / 3, 0.7, 1.0])
-    for t, i in zip(pix, level_index(pix)):
-        assert (prob >= np.float32(t)).argmax() == i and (prob[i:] >= np.float32(t)).all()
-    cls = np.array([[0.0, 0.3, 0.55, 1.0]], np.float32)
-    soft = level_index(pix, cls)
-    for c in range(4):
-        for j, t in enumerate(pix):
-            assert soft[0, c, j] == int(((prob * cls[0, c]) < np.float32(t)).sum())
-
-
-def test_stats_cache_and_parallel_precompute(oof_root, monkeypatch, tmp_path):
-    store = OOFStore(oof_root)
-    pixel, comp = np.array([0.4, 0.6]), np.array([0.0, 100.0])
-    stats, path = load_or_compute_stats(store, pixel, comp, "hard", progress=False)
-    assert path.parent == oof_root and path.name.startswith("stats-") and path.suffix == ".npz"
-    par = compute_stats(store, pixel, comp, "hard", workers=2, chunk=30, progress=False)
-    for k in ("ge_all", "ge_true", "kept_area", "kept_inter"):
-        assert np.array_equal(stats[k], par[k])
-
-    def boom(*a, **k):
-        raise AssertionError("recomputed although cached")
-
-    monkeypatch.setattr(sweep, "compute_stats", boom)
-    again, path2 = load_or_compute_stats(store, pixel, comp, "hard", progress=False)
-    assert path2 == path and np.array_equal(again["kept_area"], stats["kept_area"])
-    with pytest.raises(AssertionError, match="recomputed"):  # another grid is another cache file
-        load_or_compute_stats(store, np.array([0.45]), comp, "hard", progress=False)
-
-
-def test_robust_objective(oof_root):
-    store = OOFStore(oof_root)
-    stats = compute_stats(store, np.array([0.5]), np.array([0.0]), progress=False)
-    fast = FastDice(stats, np.asarray(store.cls), store.folds)
-    d = brute_force_dice(store, Params.uniform())
-    per_class = [fast.class_dice_at(c, 0.5, 0, 0, 0) for c in range(4)]
-    fold_means = np.array([d[store.folds == f].mean() for f in np.unique(store.folds)])
-    assert abs(fast.score(per_class, "mean") - d.mean()) < 1e-12
-    assert abs(fast.score(per_class, "robust", 2.0) - (fold_means.mean() - 2.0 * fold_means.std())) < 1e-12
+def load_study(out: dict) -> optuna.Study:
+    return optuna.load_study(study_name=out["study_name"], storage=out["storage"])
 
 
 def test_configs(tmp_path):
@@ -137,13 +61,10 @@ def test_configs(tmp_path):
     wide = load_config(ROOT / "sweeps" / "wide.yaml")
     assert len(sweep_grids(wide)[0]) > len(sweep_grids(load_config(None))[0])
     ok = tmp_path / "ok.yaml"
-    ok.write_text("trials: 5\nobjective: robust\nclasses:\n  4: {min_area: {high: 6000, step: 200}}\n")
+    ok.write_text("search: tpe\nobjective: robust\nclasses:\n  4: {min_area: {high: 6000, step: 200}}\n")
     cfg = load_config(ok)  # a partial override inherits the rest of the dimension
-    assert (
-        cfg["dims"][3]["min_area"] == sweep.Dim(0, 6000, 200, True)
-        and cfg["dims"][0]["min_area"].high == 3000
-    )
-    assert cfg["objective"] == "robust" and cfg["dims"][2]["pixel"].values()[0] == 0.3
+    assert cfg["dims"][3]["min_area"] == Dim(0, 6000, 200, True) and cfg["dims"][0]["min_area"].high == 3000
+    assert cfg["objective"] == "robust" and cfg["search"] == "tpe"
 
     def bad(text, match):
         f = tmp_path / "bad.yaml"
@@ -162,170 +83,239 @@ def test_configs(tmp_path):
     bad("space:\n  colour: {low: 0, high: 1, step: 1}\n", "space key 'colour'")
     bad("classes:\n  5: {}\n", "classes key '5'")
     bad("objective: median\n", "objective 'median'")
-    bad("mode: fuzzy\n", "mode 'fuzzy'")
-    bad("sampler: {batch: 0}\n", "sampler batch 0 must be an integer >= 1")
+    bad("search: grid\n", "search 'grid'")
+    bad("top_k: 0\n", "top_k 0 must be an integer >= 1")
     bad("sampler: {multivariate: 1}\n", "sampler multivariate 1 must be true or false")
-    bad("sampler: {liar: true}\n", "unknown sampler key 'liar'")
+    bad("sampler: {batch: 16}\n", "unknown sampler key 'batch'")
     bad("[1, 2\n", "not valid YAML")
     with pytest.raises(SteelError, match="not found"):
         load_config(tmp_path / "missing.yaml")
 
 
-def steel_main(*args) -> int:
-    """The `steel` command line in this process (faster than a subprocess where the exit path is not tested)."""
-    from steel.cli import main
-
-    return main([str(a) for a in args])
-
-
-def study_trials(url: str, name: str) -> list:
-    return optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False)
-
-
-def test_cli_sweep_writes_thresholds_png_study_and_reruns(run_dir, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    proc = run_steel("sweep", run_dir, "--trials", 12, "--seed", 1)
+def test_exact_sweep_writes_thresholds_study_and_png(run_dir):
+    proc = run_steel("sweep", run_dir)  # a real process: the default search is the exact one
     assert "OOF dice" in proc.stdout and "class 4" in proc.stdout
-    out = json.loads((run_dir / "thresholds.json").read_text())
-    best = Params.load(run_dir)
-    assert out["trials"] == 12 and out["stride"] == 2 and out["mode"] == "hard"
-    assert set(out["classes"]["1"]) == {"label", "pixel", "min_area", "min_component"}
+    out = thresholds(run_dir)
+    assert out["search"] == "exact" and out["stride"] == 2 and out["mode"] == "hard"
+    assert out["oof_store"]["full_res_areas"] is False  # drawn at the stride: no full-resolution histograms
     assert out["default_params"] == Params.uniform().to_dict()
     store = OOFStore(run_dir)
+    best = Params.load(run_dir)
     bf = brute_force_dice(store, best)
-    assert abs(out["oof_dice"]["mean"] - bf.mean()) < 1e-9
+    assert (
+        abs(out["oof_dice"]["mean"] - bf.mean()) <= 1e-9
+        and abs(out["oof_dice"]["objective"] - bf.mean()) <= 1e-9
+    )
     assert np.allclose(out["oof_dice"]["per_class"], bf.mean(0), atol=1e-9)
-    dflt = brute_force_dice(store, Params.uniform())
-    assert abs(out["default_dice"]["mean"] - dflt.mean()) < 1e-9
-    assert out["oof_dice"]["mean"] >= out["default_dice"]["mean"]  # trial 0 is the default
+    assert abs(out["default_dice"]["mean"] - brute_force_dice(store, Params.uniform()).mean()) <= 1e-9
+    assert out["oof_dice"]["mean"] > out["default_dice"]["mean"]
     assert (run_dir / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert out["wandb_run_id"] and list((run_dir / "wandb").glob("offline-run-*"))
-    url = f"sqlite:///{run_dir.resolve() / 'sweep.db'}"
-    assert len(study_trials(url, "thresholds-default")) == 12
+    # the study: default, best, each class's runners-up, public-API trials with per-class dice
+    study = load_study(out)
+    trials = study.get_trials(deepcopy=False)
+    assert out["trials"] == len(trials) == 2 + 4 * (DEFAULT_CONFIG["top_k"] - 1)
+    kinds = {t.user_attrs["kind"]: t for t in trials}
+    assert kinds["exact best"].number == out["best_trial"] == study.best_trial.number
+    assert abs(kinds["default"].value - out["default_dice"]["mean"]) <= 1e-12
+    assert np.allclose(kinds["exact best"].user_attrs["dice"], bf.mean(0), atol=1e-9)
+    assert all(t.value <= study.best_value for t in trials)
+    assert study.user_attrs["oof"] == out["oof_store"]["fingerprint"] and study.user_attrs["stride"] == 2
+    # a re-run finds the same best: nothing added, the same thresholds
+    assert steel_in_process("sweep", run_dir).returncode == 0
+    again = thresholds(run_dir)
+    assert (
+        again["trials"] == out["trials"] and again["trials_added"] == 0 and again["classes"] == out["classes"]
+    )
 
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert steel_main("sweep", run_dir, "--trials", 5) == 0  # same study, 5 more; statistics from the cache
-    trials = study_trials(url, "thresholds-default")
-    assert len(trials) == 17 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
-    assert json.loads((run_dir / "thresholds.json").read_text())["trials"] == 17
+
+def test_optuna_command_line_reads_the_study(run_dir):
+    steel_in_process("sweep", run_dir)
+    out = thresholds(run_dir)
+    optuna_cli = [sys.executable, "-m", "optuna.cli"] if not Path(sys.executable).with_name("optuna").is_file() else [
+        str(Path(sys.executable).with_name("optuna"))
+    ]  # fmt: skip
+    studies = subprocess.run([*optuna_cli, "studies", "--storage", out["storage"], "-f", "json"],
+                             capture_output=True, text=True, timeout=HANG_GUARD_S, check=True)  # fmt: skip
+    listed = {s["name"]: s for s in json.loads(studies.stdout)}
+    assert listed[out["study_name"]]["n_trials"] == out["trials"]
+    best = subprocess.run([*optuna_cli, "best-trial", "--study-name", out["study_name"], "--storage", out["storage"],
+                           "-f", "json"], capture_output=True, text=True, timeout=HANG_GUARD_S, check=True)  # fmt: skip
+    trial = json.loads(best.stdout)
+    assert trial["number"] == out["best_trial"]
+    assert abs(trial["value"] - out["oof_dice"]["objective"]) <= 1e-12
+    assert trial["params"] == {f"{k}_{c}": v for c, p in out["classes"].items() for k, v in p.items()}
 
 
-def test_cli_sweep_two_workers_sqlite_and_journal(run_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    cfg = tmp_path / "soft.yaml"
-    cfg.write_text("mode: soft\nobjective: robust\nrobust_k: 0.5\nsampler: {n_startup_trials: 5}\n")
-    proc = run_steel("sweep", run_dir, "--config", cfg, "--trials", 14, "--workers", 2)
-    assert "warning" not in proc.stderr  # the batched insert worked (no fall-back to one trial at a time)
-    url = f"sqlite:///{run_dir.resolve() / 'sweep.db'}"
-    trials = study_trials(url, "thresholds-soft")
-    assert len(trials) == 14 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
-    assert sorted(t.number for t in trials) == list(range(14))
-    out = json.loads((run_dir / "thresholds.json").read_text())
-    assert out["mode"] == "soft" and out["objective"] == "robust" and out["trials"] == 14
-    journal = tmp_path / "j" / "sweep.log"
-    run_steel("sweep", run_dir, "--trials", 6, "--storage", f"journal://{journal}", "--study-name", "j")
+def test_tpe_search_in_a_journal_file(run_dir, tmp_path):
+    journal = tmp_path / "sweep.log"
+    proc = steel_in_process(
+        "sweep", run_dir, "--trials", 12, "--seed", 3, "--storage", f"journal://{journal}"
+    )
+    assert proc.returncode == 0
+    out = thresholds(run_dir)
+    assert out["search"] == "tpe" and out["trials"] == out["trials_added"] == 12 and out["sampler_seed"] == 3
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
-    assert len(optuna.load_study(study_name="j", storage=storage).trials) == 6
-    assert json.loads((run_dir / "thresholds.json").read_text())["study_name"] == "j"
+    study = optuna.load_study(study_name=out["study_name"], storage=storage)
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == 12 and set(trials[5].params) == {
+        f"{k}_{c}" for c in range(1, 5) for k in ("pixel", "min_component")
+    }
+    assert {f"label_{c}" for c in range(1, 5)} <= set(trials[5].user_attrs)
+    pixels = {round(t.params["pixel_1"], 12) for t in trials}
+    assert len(pixels) >= 8 and any(round(p * 20) != p * 20 for p in pixels)  # continuous, off the 0.05 grid
+    # each trial's label and min-area are exact for its pixel / component values: its value is brute force's
+    store = OOFStore(run_dir)
+    for t in (trials[0], trials[-1]):
+        from steel.sweep_study import params_of_trial
+
+        assert abs(t.value - brute_force_dice(store, params_of_trial(t, "hard")).mean()) <= 1e-9
+    exact = steel_in_process("sweep", run_dir, "--storage", f"journal://{tmp_path / 'exact.log'}")
+    assert exact.returncode == 0  # TPE started from the grid's exact best, so it is at least as good
+    assert study.best_value >= thresholds(run_dir)["oof_dice"]["objective"] - 1e-12
 
 
-def steel_in_process(capsys, *args) -> tuple[int, str]:
-    from steel.cli import main
+def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("steel sweep: error:"), (
+        proc.stderr
+    )
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
 
-    rc = main(["sweep", *map(str, args)])
-    return rc, capsys.readouterr().err
 
-
-def test_cli_sweep_user_errors(run_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("WANDB_MODE", "disabled")
-    proc = run_steel("sweep", tmp_path, check=False)  # one real process: exit status and a one-line message
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
-        f"steel sweep: error: {tmp_path}: no OOF store (expected {tmp_path}/oof/meta.json; run `steel oof` first)"
-    ]
+def test_user_errors_end_in_one_line(run_dir, tmp_path):
+    proc = run_steel("sweep", tmp_path, check=False)  # real processes: exit status and one line
+    one_line_error(proc, f"{tmp_path}: no OOF store")
+    proc = run_steel("sweep", run_dir, "--storage", "sqlite:////nonexistent/steel-dir/x.db", check=False)
+    one_line_error(
+        proc, "sqlite:////nonexistent/steel-dir/x.db", "directory /nonexistent/steel-dir does not exist"
+    )
+    assert not Path("/nonexistent").exists()
+    assert not (run_dir / "thresholds.json").exists()
     bad_cfg = tmp_path / "bad.yaml"
     bad_cfg.write_text("space:\n  label: {low: 0.3, high: 0.9, stp: 0.1}\n")
     cases = [
         ((tmp_path / "nope",), "run directory not found"),
         ((run_dir, "--storage", "sweep.db"), "is not a storage URL"),
+        (
+            (run_dir, "--storage", f"journal://{tmp_path}/no/such/dir/j.log"),
+            f"directory {tmp_path}/no/such/dir does not exist",
+        ),
         ((run_dir, "--storage", "postgresql+psycopg://u:pw@127.0.0.1:1/x"), "cannot open"),
         ((run_dir, "--config", tmp_path / "missing.yaml"), "sweep config not found"),
         ((run_dir, "--workers", "0"), "--workers 0"),
+        ((run_dir, "--search", "exact", "--trials", "5"), "trials are for --search tpe"),
+        ((run_dir, "--trials", "-1"), "--trials -1"),
         ((run_dir, "--config", bad_cfg), "label must be a mapping with exactly low, high, step"),
     ]
     for args, msg in cases:
-        rc, err = steel_in_process(capsys, *args)
-        lines = err.strip().splitlines()
-        assert rc == 2 and len(lines) == 1 and lines[0].startswith("steel sweep: error:"), err
-        assert msg in lines[0] and "pw@" not in lines[0]
+        line = one_line_error(steel_in_process("sweep", *args, check=False), msg)
+        assert "pw@" not in line
+    assert not (tmp_path / "no").exists()
     # a study made with another search space is refused rather than mixed
-    assert steel_main("sweep", run_dir, "--trials", 2, "--study-name", "s") == 0
-    rc, err = steel_in_process(
-        capsys, run_dir, "--trials", 1, "--study-name", "s", "--config", bad_cfg.with_name("o.yaml")
+    assert steel_in_process("sweep", run_dir, "--study-name", "s").returncode == 0
+    other = tmp_path / "soft.yaml"
+    other.write_text("mode: soft\n")
+    one_line_error(steel_in_process("sweep", run_dir, "--study-name", "s", "--config", other, check=False),
+                   "study 's'", "another search space")  # fmt: skip
+
+
+def test_worse_rerun_keeps_the_better_thresholds(run_dir, tmp_path):
+    assert steel_in_process("sweep", run_dir).returncode == 0
+    good = thresholds(run_dir)
+    narrow = tmp_path / "narrow.yaml"
+    narrow.write_text(
+        "space:\n  label: {low: 0.9, high: 0.9, step: 0.1}\n  pixel: {low: 0.7, high: 0.7, step: 0.1}\n"
     )
-    assert rc == 2 and "sweep config not found" in err
-    bad_cfg.with_name("o.yaml").write_text("mode: soft\n")
-    rc, err = steel_in_process(
-        capsys, run_dir, "--trials", 1, "--study-name", "s", "--config", bad_cfg.with_name("o.yaml")
+    proc = steel_in_process("sweep", run_dir, "--config", narrow)
+    assert proc.returncode == 0
+    kept = [line for line in proc.stdout.splitlines() if line.startswith("kept ")]
+    assert (
+        len(kept) == 1 and f"{good['oof_dice']['objective']:.5f}" in kept[0] and "beats this run's" in kept[0]
     )
-    assert rc == 2 and "another search space" in err
+    assert thresholds(run_dir) == good
+    # another objective is another measure: the new file replaces it, and says so
+    robust = tmp_path / "robust.yaml"
+    robust.write_text("objective: robust\n")
+    proc = steel_in_process("sweep", run_dir, "--config", robust)
+    assert any(line.startswith("replaced ") for line in proc.stdout.splitlines())
+    assert thresholds(run_dir)["objective"] == "robust"
 
 
-def fast_dice(oof_root, cfg) -> FastDice:
-    store = OOFStore(oof_root)
-    stats, _ = load_or_compute_stats(store, *sweep_grids(cfg), cfg["mode"], progress=False)
-    return FastDice(stats, np.asarray(store.cls), store.folds)
+def test_concurrent_sweeps_on_one_study_draw_different_proposals(run_dir, tmp_path):
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    common = ["sweep", run_dir, "--storage", url, "--study-name", "shared", "--seed", "7"]
+    assert (
+        steel_in_process(*common, "--trials", 2).returncode == 0
+    )  # the study exists (enqueued trials in it)
+    procs = [subprocess.Popen([sys.executable, "-m", "steel.cli", *map(str, common), "--trials", "10"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    for p in procs:
+        _, err = p.communicate(timeout=HANG_GUARD_S)
+        assert p.returncode == 0, err
+    study = optuna.load_study(study_name="shared", storage=url)
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == 22 and sorted(t.number for t in trials) == list(range(22))
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    new = [tuple(sorted(t.params.items())) for t in trials[2:]]
+    assert len(set(new)) == 20  # same --seed, yet no proposal drawn twice: trials are seeded by their number
+    assert thresholds(run_dir)["trials"] == 22  # the last writer counted every finished trial
 
 
-@pytest.mark.parametrize("kind", ["sqlite", "journal"])
-def test_batch_written_trials_are_optuna_trials(oof_root, tmp_path, kind):
-    """TrialWriter (SQLite: one transaction per batch, straight into optuna's tables) stores what optuna's
-    own trials hold; numbering continues optuna's, optuna keeps working on the study, the search reads it."""
-    cfg = load_config(None)
-    objective = sweep.Objective(fast_dice(oof_root, cfg), cfg)
-    url = f"sqlite:///{tmp_path / 's.db'}" if kind == "sqlite" else f"journal://{tmp_path / 's.log'}"
-    storage = sweep.open_storage(url)
-    study = optuna.create_study(study_name="s", storage=storage, direction="maximize")
-    study.optimize(objective, n_trials=3)  # trials made by optuna itself (as by an older steel sweep)
-    rng = np.random.default_rng(1)
-    values = [vars_of(random_params(cfg, rng)) for _ in range(7)]
-    made = [
-        optuna.trial.create_trial(params=v, distributions=objective.dists, value=objective.evaluate(v)[0])
-        for v in values
-    ]
-    writer = sweep.TrialWriter(storage, "s")
-    assert writer.bulk == (kind == "sqlite")
-    assert writer.write(made[:5]) == [3, 4, 5, 6, 7] and writer.write(made[5:]) == [8, 9]
-    again = optuna.load_study(study_name="s", storage=sweep.open_storage(url))  # another process, say
-    again.optimize(objective, n_trials=1)
-    back = optuna.load_study(study_name="s", storage=sweep.open_storage(url)).get_trials(deepcopy=False)
-    assert [t.number for t in back] == list(range(11))
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in back)
-    for a, b in zip(made, back[3:10]):
-        assert (b.params, b.distributions, b.value) == (a.params, a.distributions, a.value)
-        assert (b.datetime_start, b.datetime_complete) == (a.datetime_start, a.datetime_complete)
-    assert back[0].distributions == back[5].distributions  # the same distributions as optuna's suggest_*
-    search = sweep.TrialSearch(objective, cfg, seed=0)
-    search.sync(again)
-    assert search.finished == {t.number: t.value for t in back}
-    # mean objective: each class's TPE learns from that class's own mean dice
-    assert len(search.groups) == 4 and np.allclose(
-        search.groups[2].y, [objective.evaluate(t.params)[1][2] for t in back]
-    )
+def descendants(pid: int) -> set[int]:
+    """Every process below pid (from /proc/PID/task/*/children)."""
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        for f in Path(f"/proc/{p}/task").glob("*/children"):
+            try:
+                kids = [int(x) for x in f.read_text().split()]
+            except OSError:
+                continue
+            out.update(kids)
+            todo.extend(kids)
+    return out
 
 
-@pytest.mark.parametrize("objective_kind", ["mean", "robust"])
-def test_batched_tpe_beats_random_search(oof_root, objective_kind):
-    cfg = load_config(None)
-    cfg["objective"] = objective_kind
-    cfg["sampler"].update(n_startup_trials=20, batch=8)
-    fast = fast_dice(oof_root, cfg)
-    objective = sweep.Objective(fast, cfg)
-    study, interrupted, finished = sweep.run_study(
-        fast, cfg, "memory", optuna.storages.InMemoryStorage(), "s", 150, progress=False
-    )
-    assert not interrupted and len(finished) == 150 == len(study.trials)
-    assert study.trials[0].params == vars_of(Params.uniform())  # the default thresholds come first
-    rng = np.random.default_rng(0)
-    random_best = max(objective.evaluate(vars_of(random_params(cfg, rng)))[0] for _ in range(150))
-    assert study.best_value > random_best
-    assert study.best_value == max(finished.values())
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
+def test_killed_sweep_leaves_no_process_behind(run_dir, tmp_path, sig):
+    """`--workers 2` while the statistics are computed, then a long TPE search: the parent is killed."""
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "steel.cli", "sweep", str(run_dir), "--workers", "2", "--trials", "100000",
+           "--storage", f"sqlite:///{tmp_path / 'k.db'}", "--study-name", "k"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    seen: set[int] = set()
+    deadline = time.monotonic() + HANG_GUARD_S
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    while time.monotonic() < deadline and proc.poll() is None:  # until some trials are in
+        seen |= descendants(proc.pid)
+        try:
+            if len(optuna.load_study(study_name="k", storage=url).get_trials(deepcopy=False)) >= 3:
+                break
+        except (KeyError, Exception):
+            pass
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1]
+    seen |= descendants(proc.pid)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=HANG_GUARD_S)
+    time.sleep(0.5)
+    assert not [p for p in seen if alive(p)], f"left behind: {seen}"
+    assert seen == set()  # the statistics run in threads: no child process at all
+    if sig == signal.SIGINT:  # Ctrl-C: the finished trials are summarised, exit status 130
+        assert proc.returncode == 130, err
+        out = thresholds(run_dir)
+        assert out["trials"] == len(optuna.load_study(study_name="k", storage=url).get_trials(
+            deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))  # fmt: skip
+    else:
+        assert proc.returncode == -sig

@@ -1,19 +1,21 @@
-"""`steel sweep` with 2 workers sharing one study in PostgreSQL: no trial may be lost.
+"""`steel sweep` processes sharing one study in PostgreSQL: no trial lost, no proposal drawn twice.
 
 Uses STEEL_TEST_POSTGRES_URL (set by `eval "$(bash .ci/postgres.sh)"`, as .ci/run does); without it, starts a
 throwaway cluster itself with .ci/postgres.sh (never installing packages), or skips saying why.
 """
 
+import json
 import os
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import optuna
 import pytest
 
-from steel.sweep import write_synthetic_oof
-from tests.conftest import run_steel
+from steel.synth import write_synthetic_oof
+from tests.conftest import HANG_GUARD_S, steel_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / ".ci" / "postgres.sh"
@@ -27,11 +29,7 @@ def postgres_url():
         return
     if not SCRIPT.is_file():
         pytest.skip("no STEEL_TEST_POSTGRES_URL and no .ci/postgres.sh to start a server")
-    env = {
-        **os.environ,
-        "STEEL_PG_NO_INSTALL": "1",
-        "STEEL_PG_PORT": "54339",
-    }  # the cluster dir: a new /tmp dir
+    env = {**os.environ, "STEEL_PG_NO_INSTALL": "1", "STEEL_PG_PORT": "54339"}  # the cluster: a new /tmp dir
     proc = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, env=env, timeout=120)
     exports = dict(
         line.removeprefix("export ").split("=", 1)
@@ -50,35 +48,46 @@ def postgres_url():
         )
 
 
-def test_two_workers_share_a_postgres_study(postgres_url, tmp_path, monkeypatch):
+def test_processes_share_a_postgres_study(postgres_url, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    write_synthetic_oof(tmp_path / "run" / "oof", 40, height=64, width=320, stride=2, n_folds=2, seed=9)
+    run = tmp_path / "run"
+    write_synthetic_oof(run / "oof", 40, height=64, width=320, stride=2, n_folds=2, seed=9)
     name = f"pg-{uuid.uuid4().hex[:12]}"
-    proc = run_steel(
+    common = [
         "sweep",
-        tmp_path / "run",
+        str(run),
         "--storage",
         postgres_url,
         "--study-name",
         name,
-        "--trials",
-        12,
+        "--seed",
+        "11",
         "--workers",
-        2,
-    )
-    assert "warning" not in proc.stderr  # the batched insert worked (no fall-back to one trial at a time)
-    from steel.cli import main  # a second invocation adds to the same study
-
+        "2",
+    ]
+    assert steel_in_process(*common, "--trials", "2").returncode == 0  # makes the study (start points in it)
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    procs = [subprocess.Popen([sys.executable, "-m", "steel.cli", *common, "--trials", "8"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
+    for p in procs:
+        _, err = p.communicate(timeout=HANG_GUARD_S)
+        assert p.returncode == 0, err
+    study = optuna.load_study(study_name=name, storage=postgres_url)
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == 2 + 8 + 8 and sorted(t.number for t in trials) == list(range(18))
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    drawn = [tuple(sorted(t.params.items())) for t in trials[2:]]
+    assert len(set(drawn)) == 16  # the same --seed in both processes, yet no proposal drawn twice
+    out = json.loads((run / "thresholds.json").read_text())
+    assert out["study_name"] == name and out["trials"] == 18
+    assert abs(out["oof_dice"]["objective"] - study.best_value) <= 1e-12
+    # the exact search records its trials in PostgreSQL too
     assert (
-        main(
-            ["sweep", str(tmp_path / "run"), "--storage", postgres_url, "--study-name", name, "--trials", "3"]
-        )
+        steel_in_process(
+            "sweep", str(run), "--storage", postgres_url, "--study-name", name + "-exact"
+        ).returncode
         == 0
     )
-    asked = 12 + 3
-    study = optuna.load_study(study_name=name, storage=postgres_url)
-    states = [t.state for t in study.trials]
-    assert len(states) == asked and all(s == optuna.trial.TrialState.COMPLETE for s in states)
-    assert len({t.number for t in study.trials}) == asked
-    assert (tmp_path / "run" / "thresholds.json").is_file()
-    optuna.delete_study(study_name=name, storage=postgres_url)
+    assert json.loads((run / "thresholds.json").read_text())["trials"] >= 2
+    for n in (name, name + "-exact"):
+        optuna.delete_study(study_name=n, storage=postgres_url)
