@@ -53,6 +53,14 @@ if [ "${1:-}" = stop ]; then
 fi
 
 [ "$(id -u)" = 0 ] || { echo "slurm.sh: must run as root (SlurmUser=root, munge key ownership)"; exit 1; }
+fail() { # a half-started cluster is stopped again: nothing is left running for the caller to clean up
+  echo "slurm.sh: $1"
+  [ -n "${2:-}" ] && tail -20 "$2"
+  stop_daemon slurmd
+  stop_daemon slurmctld
+  stop_daemon munged
+  exit 1
+}
 mkdir -p "$ETC" "$RUN" "$LOG" "$STATE/ctld" "$SPOOL/d"
 
 # 1. packages (Debian 12: slurm 22.05, munge 0.5.15); a policy-rc.d stops their postinst from starting services
@@ -88,7 +96,7 @@ if ! alive "$RUN/munged.pid"; then
     --seed-file="$STATE/munge.seed" --key-file=/etc/munge/munge.key
 fi
 for _ in $(seq 50); do munge -n -S "$MUNGE_SOCK" 2>/dev/null | unmunge -S "$MUNGE_SOCK" >/dev/null 2>&1 && break; sleep 0.2; done
-munge -n -S "$MUNGE_SOCK" | unmunge -S "$MUNGE_SOCK" >/dev/null || { echo "slurm.sh: munge does not work"; exit 1; }
+munge -n -S "$MUNGE_SOCK" | unmunge -S "$MUNGE_SOCK" >/dev/null || fail "munge does not work" "$LOG/munged.log"
 
 # 3. slurm.conf
 HOST=$(hostname -s)
@@ -140,7 +148,7 @@ stop_daemon slurmd
 stop_daemon slurmctld
 slurmctld -f "$SLURM_CONF" # daemonises, writes SlurmctldPidFile
 for _ in $(seq 60); do scontrol ping 2>/dev/null | grep -q UP && break; sleep 0.5; done
-scontrol ping | grep -q UP || { echo "slurm.sh: slurmctld not responding"; tail -20 "$LOG/slurmctld.log"; exit 1; }
+scontrol ping | grep -q UP || fail "slurmctld not responding" "$LOG/slurmctld.log"
 slurmd -f "$SLURM_CONF"
 
 # 5. the node idle (resumed if a previous run left it down/drained), then one srun as a smoke test
@@ -153,9 +161,7 @@ for _ in $(seq 120); do
   esac
   sleep 0.5
 done
-case "$state" in idle | mixed | allocated) ;; *)
-  echo "slurm.sh: node $HOST is '$state', not idle"; tail -20 "$LOG/slurmd.log"; exit 1 ;;
-esac
-out=$(timeout 60 srun -n1 -t 1 hostname) || { echo "slurm.sh: srun failed"; exit 1; }
+case "$state" in idle | mixed | allocated) ;; *) fail "node $HOST is '$state', not idle" "$LOG/slurmd.log" ;; esac
+out=$(timeout 60 srun -n1 -t 1 hostname) || fail "srun failed" "$LOG/slurmd.log"
 say "node $HOST $state, $(nproc) CPUs, ${MEM} MB; srun -> $out; $(sinfo -V)"
 printf 'export SLURM_CONF=%s\nexport STEEL_TEST_SLURM_DIR=%s\n' "$SLURM_CONF" "$BASE" >&3
