@@ -449,4 +449,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     blend(args.run_dirs, args.out, args.tta, args.mode, args.temperature, parse_weights(args.weights), args.average_top_k,
           args.batch_size, args.device)  # fmt: skip
+    from steel import tracking  # W&B lineage: the members' checkpoints -> the blend's OOF and ensemble.yaml
+
+    tracking.log_blend(args.out, args.run_dirs)
     return 0

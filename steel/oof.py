@@ -270,4 +270,7 @@ def main(args) -> int:
     build_oof(
         args.run_dir, args.stride, args.tta, args.batch_size, args.data_dir, args.device, args.checkpoint
     )
+    from steel import tracking  # W&B lineage: the folds' checkpoints -> this OOF store
+
+    tracking.log_oof(args.run_dir)
     return 0

@@ -138,6 +138,9 @@ def main(args: argparse.Namespace) -> int:
     values = [t.value for t in study.get_trials(deepcopy=False) if t.value is not None]
     summary["wandb_run_id"] = log_wandb(out_dir, summary, values, png, f"sweep-{name}")
     note = write_thresholds(out_dir, best, summary)
+    from steel import tracking  # W&B lineage: the OOF store -> thresholds.json, in the sweep's run
+
+    tracking.log_sweep(out_dir, run_id=summary["wandb_run_id"])
     print_summary(summary, best, t_stats, stats_path.name)
     print(note or f"wrote {out_dir / 'thresholds.json'} and {png}")
     return 130 if interrupted else 0
