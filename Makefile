@@ -17,7 +17,7 @@ demo: $(BIN)/steel
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/steel demo
 
 test: $(BIN)/steel
-	WANDB_MODE=offline $(BIN)/python -m pytest -q
+	WANDB_MODE=offline $(BIN)/python -m pytest -q --durations=10
 
 lint: $(BIN)/steel
 	$(BIN)/ruff check steel tests benchmarks
