@@ -145,6 +145,7 @@ def label_planes(
     level = np.asarray(level, np.int64)
     boxes = bounding_boxes(q >= level.astype(np.int16).reshape(-1, 1, 1))
     planes = np.flatnonzero(boxes[:, 1] > boxes[:, 0])
+    has_truth = truth.any((1, 2))
     heights, widths = boxes[planes, 1] - boxes[planes, 0], boxes[planes, 3] - boxes[planes, 2]
     out_p, out_size, out_inter = [], [], []
     start = 0
@@ -156,12 +157,13 @@ def label_planes(
         tops = np.concatenate([[0], np.cumsum(heights[start:stop] + 1)[:-1]])
         buf = np.zeros((int((heights[start:stop] + 1).sum()), width), np.uint8)
         view = buf.view(bool)
-        idx = []  # truth pixels, as flat indices into buf
+        idx = [np.zeros(0, np.int64)]  # truth pixels, as flat indices into buf
         for i, top in zip(sel.tolist(), tops.tolist()):
             r0, r1, c0, c1 = boxes[i].tolist()
             np.greater_equal(q[i, r0:r1, c0:c1], level[i], out=view[top : top + r1 - r0, : c1 - c0])
-            rr, cc = np.nonzero(truth[i, r0:r1, c0:c1])
-            idx.append((rr + top) * width + cc)
+            if has_truth[i]:
+                rr, cc = np.nonzero(truth[i, r0:r1, c0:c1])
+                idx.append((rr + top) * width + cc)
         nlab, labels, stats = _label(buf)
         tidx = np.concatenate(idx)
         inter = (
@@ -476,7 +478,7 @@ class Components:
 
     def kept(self, min_component: float, s2: int) -> tuple[np.ndarray, np.ndarray]:
         """(kept area, kept intersection) (N,) after removing components with ``size * s2 < min_component``."""
-        small = self.size * s2 < min_component
+        small = self.size.astype(np.int64) * s2 < min_component
         n = len(self.area)
         rem_a = np.bincount(self.image[small], weights=self.size[small], minlength=n).astype(np.int64)
         rem_i = np.bincount(self.image[small], weights=self.size_inter[small], minlength=n).astype(np.int64)
@@ -491,9 +493,12 @@ class LevelComponents:
     ``min_component <= bound``). ``get(c, pixel)`` -> ``Components``; hard mode memoises by quantised level.
     """
 
-    def __init__(self, store: OOFStore, stats: Stats, mode: str, bound: float, chunk: int = 64) -> None:
+    def __init__(
+        self, store: OOFStore, stats: Stats, mode: str, bound: float, chunk: int = 64, keep: int = 256
+    ) -> None:
         self.store, self.stats, self.mode, self.bound, self.chunk = store, stats, mode, float(bound), chunk
         self.s2 = store.stride**2
+        self.keep = keep  # (class, threshold) entries kept in memory, least recently used dropped first
         self._memo: dict[tuple, Components] = {}
 
     def levels(self, c: int, pixel: float) -> np.ndarray:
@@ -505,9 +510,12 @@ class LevelComponents:
     def get(self, c: int, pixel: float) -> Components:
         lv = self.levels(c, pixel)
         key = (c, int(lv[0])) if self.mode == "hard" else (c, float(np.float32(pixel)))
-        hit = self._memo.get(key)
+        hit = self._memo.pop(key, None)
         if hit is None:
-            hit = self._memo[key] = self._compute(c, lv)
+            hit = self._compute(c, lv)
+            while len(self._memo) >= self.keep:
+                self._memo.pop(next(iter(self._memo)))
+        self._memo[key] = hit  # most recently used last
         return hit
 
     def _compute(self, c: int, lv: np.ndarray) -> Components:
@@ -522,9 +530,15 @@ class LevelComponents:
             t = np.ascontiguousarray(self.store.truth[idx, c]) != 0
             which, size, cint = label_planes(q, t, lv[idx])
             small = size * self.s2 < self.bound
-            parts.append((idx[which[small]], size[small], cint[small]))
+            parts.append(
+                (
+                    idx[which[small]].astype(np.int32),
+                    size[small].astype(np.int32),
+                    cint[small].astype(np.int32),
+                )
+            )
         if parts:
             image, size, cint = (np.concatenate(x) for x in zip(*parts))
         else:
-            image = size = cint = np.zeros(0, np.int64)
+            image = size = cint = np.zeros(0, np.int32)
         return Components(area, inter, image, size, cint)
