@@ -131,7 +131,7 @@ def report_png(out: Path, table: pd.DataFrame, data: Path, sub: Path, curves: Pa
 
 
 def demo(out: str | os.PathLike = "demo-out", n_train: int = 200, n_test: int = 60, folds: int = 10,
-         trials: int = 300, parallel: int = 2, height: int = 64, width: int = 320, epochs: int | None = 12) -> pd.DataFrame:  # fmt: skip
+         trials: int = 0, parallel: int = 2, height: int = 64, width: int = 320, epochs: int | None = 12) -> pd.DataFrame:  # fmt: skip
     """Run the chain into ``out`` (resuming what is done) and return the results table."""
     t0 = time.time()
     out = Path(out).resolve()
@@ -180,14 +180,14 @@ def demo(out: str | os.PathLike = "demo-out", n_train: int = 200, n_test: int = 
 
     _step("4/8 threshold sweep on the run's OOF")
     if not (run / "thresholds.json").is_file():
-        _cli("sweep", run, "--trials", trials)
+        _cli("sweep", run, *(["--trials", trials] if trials else []))  # 0: the exact search
     else:
         print("already there")
 
     _step("5/8 blend: every fold model with flip TTA (none,hflip,vflip), then its own sweep")
     if not (blend_dir / "thresholds.json").is_file():
         _cli("blend", run, "--out", blend_dir, "--tta", "none,hflip,vflip")
-        _cli("sweep", blend_dir, "--trials", trials)
+        _cli("sweep", blend_dir, *(["--trials", trials] if trials else []))
     else:
         print("already there")
 
@@ -250,7 +250,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-train", type=int, default=200)
     p.add_argument("--n-test", type=int, default=60)
     p.add_argument("--folds", type=int, default=10)
-    p.add_argument("--trials", type=int, default=300, help="Optuna trials per sweep")
+    p.add_argument("--trials", type=int, default=0, help="TPE trials per sweep (default 0: the exact search)")
     p.add_argument("--parallel", type=int, default=2, help="folds trained at once")
     p.add_argument(
         "--epochs",
