@@ -107,9 +107,13 @@ def train_loader(data_dir: Path, folds: Path, workers: int, batch: int, crop: li
 
 def loader_pass(loader, device: str | None = None) -> tuple[float, int]:
     """(images/s, images) of one epoch of ``loader``; with ``device``, each batch also moved there and made
-    what the model takes (``prepare_batch``: float images, unpacked masks)."""
+    what the model takes (``prepare_batch``: float images, unpacked masks; on the CPU with one torch thread,
+    as the loader workers hold the other cores)."""
     from steel.data import prepare_batch
 
+    threads = torch.get_num_threads()
+    if device == "cpu":
+        torch.set_num_threads(1)
     t, n = time.perf_counter(), 0
     for b in loader:
         if device is not None:
@@ -119,7 +123,9 @@ def loader_pass(loader, device: str | None = None) -> tuple[float, int]:
         n += b["image"].shape[0]
     if device == "cuda":
         torch.cuda.synchronize()
-    return n / (time.perf_counter() - t), n
+    rate = n / (time.perf_counter() - t)
+    torch.set_num_threads(threads)
+    return rate, n
 
 
 def make_batch(data_dir: Path, folds: Path, batch: int, crop: list[int]) -> dict:
