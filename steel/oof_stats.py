@@ -322,7 +322,7 @@ def _chunk(
 ) -> tuple[np.ndarray, ...]:
     """``kept_counts`` of store rows [start, stop), every class; qmin (B, 4, P) -> arrays shaped (B, 4, ...)."""
     q = np.ascontiguousarray(store.masks[start:stop])
-    t = np.ascontiguousarray(store.truth[start:stop]) != 0
+    t = np.ascontiguousarray(store.truth[start:stop]).view(bool)  # the writer stores 0 or 1
     b, c, h, w = q.shape
     res = kept_counts(
         q.reshape(b * c, h, w), t.reshape(b * c, h, w), qmin.reshape(b * c, -1), comp, store.stride**2

@@ -131,9 +131,9 @@ def test_exact_sweep_writes_thresholds_study_and_png(run_dir):
 def test_optuna_command_line_reads_the_study(run_dir):
     steel_in_process("sweep", run_dir)
     out = thresholds(run_dir)
-    optuna_cli = [sys.executable, "-m", "optuna.cli"] if not Path(sys.executable).with_name("optuna").is_file() else [
-        str(Path(sys.executable).with_name("optuna"))
-    ]  # fmt: skip
+    optuna_cli = [str(Path(sys.executable).with_name("optuna"))]  # the console script optuna installs
+    if not Path(optuna_cli[0]).is_file():
+        pytest.skip(f"no optuna command beside {sys.executable}")
     studies = subprocess.run([*optuna_cli, "studies", "--storage", out["storage"], "-f", "json"],
                              capture_output=True, text=True, timeout=HANG_GUARD_S, check=True)  # fmt: skip
     listed = {s["name"]: s for s in json.loads(studies.stdout)}
@@ -302,7 +302,7 @@ def test_killed_sweep_leaves_no_process_behind(run_dir, tmp_path, sig):
         try:
             if len(optuna.load_study(study_name="k", storage=url).get_trials(deepcopy=False)) >= 3:
                 break
-        except (KeyError, Exception):
+        except Exception:  # no study (or no database) yet
             pass
         time.sleep(0.2)
     assert proc.poll() is None, proc.communicate()[1]
