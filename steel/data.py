@@ -29,21 +29,15 @@ from steel import N_CLASSES
 from steel.augment import build_train_transform
 from steel.errors import SteelError
 from steel.folds import split
+from steel.images import read_grey  # truncated/corrupt files: SteelError naming them
 from steel.labels import CLASSES, list_images, read_train
+from steel.lifecycle import WorkerInit
 from steel.rle import RunMasks
 
 cv2.setNumThreads(0)  # workers parallelise; OpenCV's own threads only oversubscribe the cores
 
 RLE_COLS = [f"rle_{c}" for c in CLASSES]
 HAS_COLS = [f"has_{c}" for c in CLASSES]
-
-
-def read_grey(path: str | os.PathLike) -> np.ndarray:
-    """Read an image as grey uint8 (H, W); SteelError if unreadable."""
-    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
-    if img is None:
-        raise SteelError(f"{path}: cannot read image")
-    return img
 
 
 class SteelDataset(Dataset):
@@ -312,6 +306,7 @@ class SteelDataModule(pl.LightningDataModule):
             pin_memory=hp.pin_memory and torch.cuda.is_available(),
             persistent_workers=hp.persistent_workers and hp.num_workers > 0,
             drop_last=drop_last,
+            worker_init_fn=WorkerInit() if hp.num_workers > 0 else None,  # workers die with this process
         )
 
     def train_sampler(self) -> Sampler | None:
