@@ -494,9 +494,15 @@ class LevelComponents:
     """
 
     def __init__(
-        self, store: OOFStore, stats: Stats, mode: str, bound: float, chunk: int = 64, keep: int = 256
+        self, store: OOFStore, stats: Stats, mode: str, bound: float, workers: int = 1, keep: int = 256
     ) -> None:
-        self.store, self.stats, self.mode, self.bound, self.chunk = store, stats, mode, float(bound), chunk
+        self.store, self.stats, self.mode, self.bound, self.workers = (
+            store,
+            stats,
+            mode,
+            float(bound),
+            workers,
+        )
         self.s2 = store.stride**2
         self.keep = keep  # (class, threshold) entries kept in memory, least recently used dropped first
         self._memo: dict[tuple, Components] = {}
@@ -522,21 +528,25 @@ class LevelComponents:
         rows = np.arange(self.stats.n)
         area = self.stats.ge_all[rows, c, lv].astype(np.int64)
         inter = self.stats.ge_true[rows, c, lv].astype(np.int64)
-        parts: list[tuple[np.ndarray, ...]] = []
         todo = np.flatnonzero(area > 0)
-        for a in range(0, len(todo), self.chunk):
-            idx = todo[a : a + self.chunk]
+
+        def part(idx: np.ndarray) -> tuple[np.ndarray, ...]:
             q = np.ascontiguousarray(self.store.masks[idx, c])
-            t = np.ascontiguousarray(self.store.truth[idx, c]) != 0
+            t = np.ascontiguousarray(self.store.truth[idx, c]).view(bool)
             which, size, cint = label_planes(q, t, lv[idx])
             small = size * self.s2 < self.bound
-            parts.append(
-                (
-                    idx[which[small]].astype(np.int32),
-                    size[small].astype(np.int32),
-                    cint[small].astype(np.int32),
-                )
+            return (
+                idx[which[small]].astype(np.int32),
+                size[small].astype(np.int32),
+                cint[small].astype(np.int32),
             )
+
+        chunks = [todo[a : a + 64] for a in range(0, len(todo), 64)]
+        if self.workers > 1 and len(chunks) > 1:
+            with ThreadPoolExecutor(min(self.workers, len(chunks)), thread_name_prefix="steel-levels") as ex:
+                parts = list(ex.map(part, chunks))
+        else:
+            parts = [part(x) for x in chunks]
         if parts:
             image, size, cint = (np.concatenate(x) for x in zip(*parts))
         else:

@@ -10,7 +10,7 @@ This module is the command line:
   * ``--search tpe --trials N`` (``--trials`` alone implies it): N Optuna TPE trials over pixel threshold and
     component size as continuous parameters, each with label and min-area solved exactly; the grid's exact
     best is tried first in a new study.
-``--workers N`` threads compute the statistics (nothing else runs in parallel; no child processes).
+``--workers N`` threads compute the statistics (and TPE's components at new thresholds); no child processes.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="Optuna storage URL (default sqlite:///RUN_DIR/sweep.db; journal:///FILE; postgresql+psycopg://...)",
     )
-    p.add_argument("--workers", type=int, default=1, help="threads computing the OOF statistics")
+    p.add_argument("--workers", type=int, default=1, help="threads computing the OOF statistics (and TPE's)")
     p.add_argument("--study-name", default=None, help="study name (default thresholds-CONFIG[-tpe]-OOFSTORE)")
     p.add_argument("--seed", type=int, default=None, help="TPE seed (default: a fresh one, recorded)")
 
@@ -94,7 +94,7 @@ def main(args: argparse.Namespace) -> int:
     stats, stats_path = load_or_compute_stats(store, *sweep_grids(cfg), cfg["mode"], workers=args.workers)
     t_stats = time.perf_counter() - t0
     comp_high = max(float(d["min_component"].high) for d in cfg["dims"])
-    ev = Evaluator(stats, store, bound=comp_high + 1)
+    ev = Evaluator(stats, store, bound=comp_high + 1, workers=args.workers)
     cands = [grid_candidates(stats, c, cfg["dims"][c], ev.folds) for c in range(len(cfg["dims"]))]
     exact = solve(cands, ev.folds, cfg["objective"], float(cfg["robust_k"]))
     exact_best = Params(tuple(c.params(m) for c, m in zip(cands, exact.choice)), cfg["mode"])

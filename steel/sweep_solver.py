@@ -197,8 +197,10 @@ class Evaluator:
     """Dice of any thresholds on a store's statistics: grid points from ``Stats``, thresholds without
     component removal from its histograms, anything else by labelling on demand (``LevelComponents``)."""
 
-    def __init__(self, stats: Stats, store: OOFStore | None = None, bound: float = 0.0) -> None:
-        self.stats, self.store = stats, store
+    def __init__(
+        self, stats: Stats, store: OOFStore | None = None, bound: float = 0.0, workers: int = 1
+    ) -> None:
+        self.stats, self.store, self.workers = stats, store, workers
         self.folds = Folds.of(stats.folds)
         self.true_area = stats.true_area
         self._levels: LevelComponents | None = None
@@ -225,7 +227,7 @@ class Evaluator:
             raise ValueError(f"pixel {pixel} / min_component {min_component} are not in the statistics' grid")
         if self._levels is None or self._bound <= min_component:
             self._bound = max(self._bound, float(min_component) + 1.0)
-            self._levels = LevelComponents(self.store, st, mode, self._bound)
+            self._levels = LevelComponents(self.store, st, mode, self._bound, self.workers)
         return self._levels.get(c, pixel).kept(min_component, st.s2)
 
     def class_dice(self, c: int, p: ClassParams, mode: str) -> np.ndarray:
