@@ -66,10 +66,9 @@ def image_features(img: np.ndarray) -> np.ndarray:
 
 
 def _features_of(path: str) -> np.ndarray | None:
-    import cv2
+    from steel.images import read_grey
 
-    img = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
-    return None if img is None else image_features(img)
+    return image_features(read_grey(path))  # SteelError naming a truncated or corrupt file
 
 
 def features(paths: list[Path], workers: int = 0, desc: str = "features") -> np.ndarray:

@@ -203,11 +203,11 @@ def build_oof(
     fold number and split hash recorded at fit time), so every row is provably out-of-fold. Probabilities come
     from ``steel.ensemble`` (the path validation and prediction use)."""
     # torch, Lightning and the nets only when predicting: OOFStore readers (the sweep) stay light
-    import cv2
     import torch
     from tqdm import tqdm
 
     from steel.ensemble import parse_tta, predict_batch
+    from steel.images import read_grey
     from steel.module import load_model
 
     run_dir = Path(run_dir)
@@ -235,9 +235,7 @@ def build_oof(
             for start in range(0, len(rows), batch_size):
                 r = rows[start : start + batch_size]
                 ids = split["ImageId"].to_numpy()[r]
-                imgs = np.stack(
-                    [cv2.imread(str(Path(data_dir) / "train_images" / i), cv2.IMREAD_GRAYSCALE) for i in ids]
-                )
+                imgs = np.stack([read_grey(Path(data_dir) / "train_images" / i) for i in ids])
                 x = torch.from_numpy(imgs).to(device).float().div_(255).unsqueeze(1)
                 probs, cls = predict_batch(model.net, x, model.hparams.get("input_size"), tta_names)
                 truth = np.stack([masks_of(table.loc[i], (h, w)) for i in ids])
