@@ -22,6 +22,9 @@ from steel.io import atomic_dir
 
 # Share of defect images whose primary class is c (real set: class 3 dominates, class 2 is rare).
 PRIMARY_PROBS = np.array([0.13, 0.035, 0.70, 0.135])
+# ``--class-mix``: real (the Kaggle mix above) or balanced (each class primary in a quarter of the defect images:
+# small demos then hold enough images of the rare classes to learn them)
+CLASS_MIXES = {"real": PRIMARY_PROBS, "balanced": np.full(N_CLASSES, 1.0 / N_CLASSES)}
 P_DEFECT_FREE = 0.47
 P_SECOND_CLASS = 0.11  # of defect images -> ~6 % of all images carry two classes
 # Per-class mask area ranges on a 256x1600 image (walkthrough section 4.1, 2-98 percentile).
@@ -149,13 +152,13 @@ def make_image(rng: np.random.Generator, classes: list[int], h: int, w: int) -> 
     return np.clip(img, 0, 255).astype(np.uint8), masks
 
 
-def sample_classes(rng: np.random.Generator) -> list[int]:
-    """Defect classes of one image: [] for ~47 %, one class, or (~6 % of images) two."""
+def sample_classes(rng: np.random.Generator, probs: np.ndarray = PRIMARY_PROBS) -> list[int]:
+    """Defect classes of one image: [] for ~47 %, one class (drawn by ``probs``), or (~6 % of images) two."""
     if rng.uniform() < P_DEFECT_FREE:
         return []
-    first = int(rng.choice(N_CLASSES, p=PRIMARY_PROBS)) + 1
+    first = int(rng.choice(N_CLASSES, p=probs)) + 1
     if rng.uniform() < P_SECOND_CLASS:
-        p = PRIMARY_PROBS.copy()
+        p = np.array(probs, dtype=np.float64)
         p[first - 1] = 0
         return [first, int(rng.choice(N_CLASSES, p=p / p.sum())) + 1]
     return [first]
@@ -175,7 +178,7 @@ def shift_image(img: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndar
 
 def _write_split(
     rng: np.random.Generator, out: Path, folder: str, n: int, h: int, w: int, desc: str,
-    shift: tuple[str, np.random.Generator] | None = None,
+    shift: tuple[str, np.random.Generator] | None = None, probs: np.ndarray = PRIMARY_PROBS,
 ) -> pd.DataFrame:  # fmt: skip
     (out / folder).mkdir(parents=True, exist_ok=True)
     rows = []
@@ -185,7 +188,7 @@ def _write_split(
         while image_id in ids:
             image_id = f"{int(rng.integers(0, 16**9)):09x}.jpg"
         ids.add(image_id)
-        img, masks = make_image(rng, sample_classes(rng), h, w)
+        img, masks = make_image(rng, sample_classes(rng, probs), h, w)
         if shift is not None:
             img = shift_image(img, *shift)
         path = out / folder / image_id  # inside the data set's temporary dir: no per-file temp needed
@@ -227,23 +230,28 @@ def synth(
     width: int = KAGGLE_SHAPE[1],
     overwrite: bool = False,
     shift: str = "none",
+    class_mix: str = "real",
 ) -> Path:
     """Write a Kaggle-layout synthetic data set to ``out``; deterministic by ``seed``.
 
     The set is built in a temporary dir beside ``out`` that then replaces it whole, so ``out`` holds either
     the old data set or the new one. SteelError if ``out`` is a file or already holds data (unless
     ``overwrite`` and it holds nothing but a data set of this layout). ``shift``: a domain shift of the test
-    images only (``SHIFTS``); the images and masks are otherwise those of ``shift="none"``.
+    images only (``SHIFTS``); the images and masks are otherwise those of ``shift="none"``. ``class_mix``:
+    ``CLASS_MIXES`` key, the primary-class mix of the defect images (train and test alike).
     """
     out = Path(out)
     _check_out(out, overwrite)
     if shift not in SHIFTS:
         raise SteelError(f"--shift {shift!r}: choose one of {', '.join(SHIFTS)}")
+    if class_mix not in CLASS_MIXES:
+        raise SteelError(f"--class-mix {class_mix!r}: choose one of {', '.join(CLASS_MIXES)}")
+    probs = CLASS_MIXES[class_mix]
     rng = np.random.default_rng(seed)
     with atomic_dir(out) as tmp:
-        train = _write_split(rng, tmp, "train_images", n_train, height, width, "train images")
+        train = _write_split(rng, tmp, "train_images", n_train, height, width, "train images", None, probs)
         test_shift = (shift, np.random.default_rng([seed, 1])) if shift != "none" else None
-        test = _write_split(rng, tmp, "test_images", n_test, height, width, "test images", test_shift)
+        test = _write_split(rng, tmp, "test_images", n_test, height, width, "test images", test_shift, probs)
         for name, df in (("train.csv", train), ("test_truth.csv", test)):
             df.sort_values(["ImageId", "ClassId"]).to_csv(tmp / name, index=False)
         test_ids = sorted(p.name for p in (tmp / "test_images").iterdir() if p.suffix == ".jpg")
@@ -269,6 +277,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--overwrite", action="store_true", help="replace the data set that DIR holds (nothing else in DIR)"
     )
     p.add_argument("--shift", choices=SHIFTS, default="none", help="domain shift of the test images only")
+    p.add_argument("--class-mix", choices=list(CLASS_MIXES), default="real",
+                   help="defect class mix: real (Kaggle's, class 3 dominates) or balanced")  # fmt: skip
 
 
 def main(args: argparse.Namespace) -> int:
@@ -276,7 +286,7 @@ def main(args: argparse.Namespace) -> int:
         if getattr(args, name) < (0 if name.startswith("n_") else 16):
             raise SteelError(f"--{name.replace('_', '-')} {getattr(args, name)} is too small")
     out = synth(args.dir, args.n_train, args.n_test, args.seed, args.height, args.width, args.overwrite,
-                args.shift)  # fmt: skip
+                args.shift, args.class_mix)  # fmt: skip
     print(f"wrote {args.n_train} train + {args.n_test} test images ({args.height}x{args.width}) to {out}")
     return 0
 
