@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import os
 import shutil
@@ -24,7 +25,7 @@ COMMANDS = {
     "oof": ("steel.oof", "out-of-fold predictions of a finished run"),
     "sweep": ("steel.sweep", "Optuna threshold search on OOF predictions"),
     "blend": ("steel.blend", "blend runs into an ensemble (its OOF and manifest)"),
-    "export": ("steel.export", "export a run or ensemble as one TorchScript/ONNX file"),
+    "export": ("steel.export", "export a run or ensemble as one torch.export (.pt2) or ONNX file"),
     "predict": ("steel.predict", "images -> submission.csv (with --config: LightningCLI predict)"),
     "score": ("steel.metrics", "competition mean Dice of a submission"),
     "pseudo": ("steel.pseudo", "pseudo-label images where classifier and masks agree confidently"),
@@ -150,16 +151,19 @@ def main(argv: list[str] | None = None) -> int:
         return int(module.main(args) or 0)
     except (SteelError, argparse.ArgumentError) as e:  # ArgumentError: a config LightningCLI rejects
         hint = f" (see steel {name} --help)" if isinstance(e, argparse.ArgumentError) else ""
-        print(f"steel {name}: error: {one_line(str(e))}{hint}", file=sys.stderr)
-        return 2
+        error = f"{one_line(str(e))}{hint}"
     except Exception as e:
         if not _is_misconfiguration(e):
             raise
-        print(f"steel {name}: error: {one_line(str(e))}", file=sys.stderr)
-        return 2
+        error = one_line(str(e))
     except KeyboardInterrupt:
         print(f"steel {name}: interrupted", file=sys.stderr)
         return 130
+    # the failed step's objects are gone now: collecting them closes its progress bars, so the error line
+    # starts a line of its own instead of continuing a half-drawn bar
+    gc.collect()
+    print(f"steel {name}: error: {error}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

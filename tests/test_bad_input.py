@@ -8,6 +8,7 @@ JPEG) must work. Nothing here trains a model.
 
 from __future__ import annotations
 
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -251,6 +252,15 @@ CASES = [
     # ---- steel oof: every checkpoint is opened before anything is predicted
     Case("oof-text-checkpoint", lambda d: fake_run(d) and ["oof", "run"], "run/fold-0/best.ckpt: not a"),
     Case("oof-empty-checkpoint", lambda d: fake_run(d, "") and ["oof", "run"], "run/fold-0/best.ckpt: "),
+    # ---- steel advval
+    Case(
+        "advval-truncated-test-image",
+        lambda d: (
+            truncate(first_image(d, "test_images")) and ["advval", "data", "--n-splits", "2", "--out", "a"]
+        ),
+        "{first_test}: truncated",
+    ),
+    Case("advval-missing-dir", lambda d: ["advval", "nope", "--n-splits", "2", "--out", "a"], "nope"),
     # ---- steel demo
     Case("demo-out-is-file", lambda d: (d / "f").write_text("x") and ["demo", "--out", "f"], "f: is a file"),
 ]
@@ -262,9 +272,13 @@ def _format(names: str, d: Path) -> str:
     )
 
 
+PROGRESS = re.compile(r"\| *\d+/\d+ \[")  # a tqdm bar: "desc:  75%|███  | 12/16 [00:00<00:00, ...]"
+
+
 def check_one_line(code: int, err: str, names: str) -> str:
-    """Exit status 2 and exactly one stderr line, ``steel CMD: error: ...``, containing ``names``."""
-    lines = [line for line in err.splitlines() if line.strip()]
+    """Exit status 2 and exactly one stderr line besides progress bars, ``steel CMD: error: ...``, containing
+    ``names``."""
+    lines = [line for line in err.splitlines() if line.strip() and not PROGRESS.search(line)]
     assert code == 2, err
     assert "Traceback" not in err, err
     assert len(lines) == 1, err
