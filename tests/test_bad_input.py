@@ -67,7 +67,7 @@ def fit(*extra: str) -> list[str]:
 
 
 def fake_run(d: Path, bad: str = "junk\n") -> Path:
-    """A run dir whose fold-1 best.ckpt is not a checkpoint (fold-0's is missing too: the first bad one counts)."""
+    """A run dir whose fold-0 and fold-1 best.ckpt hold ``bad`` (not a checkpoint)."""
     run = d / "run"
     for k in (0, 1):
         (run / f"fold-{k}").mkdir(parents=True)
@@ -418,3 +418,18 @@ def test_error_from_a_dataloader_worker_is_one_line():
         next(iter(DataLoader(_Raises(), num_workers=1)))
     assert "Traceback" in str(e.value)  # what PyTorch hands back
     assert one_line(str(e.value)) == "data/train_images/x.jpg: truncated or corrupt JPEG"
+
+
+def test_oof_opens_every_checkpoint_before_predicting(w, capsys):
+    """fold 0 is a checkpoint of the right split, fold 1 is not: the error names fold 1 and nothing is written."""
+    import torch
+
+    from steel.rundir import SPLIT_KEY, split_of
+
+    run = fake_run(w)
+    torch.save({"state_dict": {}, SPLIT_KEY: split_of(run / "folds.csv", 0)}, run / "fold-0" / "best.ckpt")
+    capsys.readouterr()
+    check_one_line(
+        main(["oof", "run"]), capsys.readouterr().err, "run/fold-1/best.ckpt: not a readable checkpoint"
+    )
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "fold-0", "fold-1", "folds.csv"]
