@@ -28,6 +28,7 @@ import pandas as pd
 
 from steel import N_CLASSES
 from steel.errors import SteelError
+from steel.images import read_grey
 from steel.io import atomic_path
 
 KINDS = ("false positive", "false negative", "lowest dice")
@@ -131,7 +132,6 @@ def cam(
 ) -> list[Path]:
     """CAM PNGs of ``images`` (paths, or names under DATA_DIR/train_images; default ``default_images``) into
     ``out``; returns the PNG paths."""
-    import cv2
     import matplotlib
 
     matplotlib.use("Agg")
@@ -154,9 +154,7 @@ def cam(
     ]
     grey = []
     for p in paths:
-        img = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)
-        if img is None:
-            raise SteelError(f"{p}: cannot read image (missing, corrupt or not an image)")
+        img = read_grey(p)  # SteelError naming a missing, truncated or corrupt file
         if grey and img.shape != grey[0].shape:
             raise SteelError(
                 f"{p}: image is {img.shape[0]}x{img.shape[1]}, {paths[0].name} is {grey[0].shape}"
