@@ -284,6 +284,7 @@ class LocalLauncher:
         cmd = fold_command(self.config, f.k, self.run_dir, self.overrides, self.devices, self.accelerator)
         env = dict(os.environ, CUDA_VISIBLE_DEVICES=",".join(self.slots[slot]), PYTHONUNBUFFERED="1")
         env.update(fold_env(self.experiment))
+        env.pop("WANDB_SERVICE", None)  # the fold's W&B run in its own wandb service, not in this launcher's
         if not self.slots[slot] and len(self.slots) > 1:  # CPU folds side by side share the cores
             env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // len(self.slots))))
         f.dir.mkdir(parents=True, exist_ok=True)

@@ -353,6 +353,7 @@ class FoldTask(submitit.helpers.Checkpointable):
         os.chdir(self.cwd)
         os.environ.update({k: v for k, v in self.env.items() if k != "WANDB_MODE"})
         os.environ.setdefault("WANDB_MODE", self.env.get("WANDB_MODE", "offline"))
+        os.environ.pop("WANDB_SERVICE", None)  # a wandb service of the submitting process is not ours
         fold_dir = Path(self.fold_dir)
         fold_dir.mkdir(parents=True, exist_ok=True)
         rank0 = job.global_rank == 0

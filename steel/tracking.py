@@ -26,6 +26,14 @@ from typing import Any
 import yaml
 
 CHECKSUM_MAX = 64 << 20  # bytes: larger files are fingerprinted by size and mtime instead of md5
+OOF_FILES = (
+    "index.csv",
+    "meta.json",
+    "cls.npy",
+    "masks.npy",
+    "truth.npy",
+    "hist.npy",
+)  # not the sweep's caches
 
 
 def mode() -> str:
@@ -92,9 +100,9 @@ def fold_product(fold_dir: str | os.PathLike) -> Product:
 
 
 def oof_product(run_dir: str | os.PathLike) -> Product:
-    """RUN_DIR/oof/ (the OOF store) as artifact ``<run>-oof``."""
+    """RUN_DIR/oof/ (the OOF store's files) as artifact ``<run>-oof``."""
     run_dir = Path(run_dir)
-    files = sorted(p for p in (run_dir / "oof").glob("*") if p.is_file())
+    files = [run_dir / "oof" / n for n in OOF_FILES if (run_dir / "oof" / n).is_file()]
     return Product(_name(run_dir.resolve().name, "oof"), "oof", run_dir, files)
 
 
@@ -129,8 +137,9 @@ def fold_dirs(run_dir: str | os.PathLike) -> list[Path]:
 def log_stage(job_type: str, where: str | os.PathLike, group: str, name: str, inputs: list[Product],
               outputs: list[Product], config: dict[str, Any] | None = None,
               run_id: str | None = None) -> str | None:  # fmt: skip
-    """One W&B run (``run_id``: continue that run) that uses ``inputs`` and logs ``outputs``; files go to
-    ``where``/wandb. Returns the run id, or None (W&B disabled, or a warning printed)."""
+    """One W&B run (``run_id``: continue that run, the live one when this process still has it open) that uses
+    ``inputs`` and logs ``outputs``; files go to ``where``/wandb. Returns the run id, or None (W&B disabled, or a
+    warning printed)."""
     if mode() == "disabled":
         return None
     try:
@@ -138,7 +147,8 @@ def log_stage(job_type: str, where: str | os.PathLike, group: str, name: str, in
 
         ins = [(p, p.artifact()) for p in inputs if p.exists()]
         refs = [{"name": p.name, "type": p.type, "digest": a.digest} for p, a in ins]
-        run = wandb.init(project=os.environ.get("WANDB_PROJECT", "steel"), group=group, job_type=job_type,
+        live = wandb.run if run_id and wandb.run is not None and wandb.run.id == run_id else None
+        run = live or wandb.init(project=os.environ.get("WANDB_PROJECT", "steel"), group=group, job_type=job_type,
                          name=name, dir=str(where), mode=mode(), id=run_id, resume="allow" if run_id else None,
                          config={**(config or {}), "inputs": refs}, reinit="finish_previous",
                          settings=wandb.Settings(silent=True))  # fmt: skip
