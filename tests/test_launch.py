@@ -280,12 +280,18 @@ def test_wandb_lineage_of_every_stage(launched, tmp_path):
     for r in runs:
         by_type.setdefault(r["job_type"], []).append(r)
     arts = {a["name"]: a for r in runs for a in r["artifacts"]}
-    trained = {r["id"] for r in by_type["train"] if not r["artifacts"]}  # the folds' own (Lightning) runs
-    for k in range(3):
+    for k in range(3):  # logged by the launcher into the fold's own (Lightning) run id, once the fold is done
         a = arts[f"run-fold-{k}"]
-        assert a["type"] == "model"
         producer = next(r for r in by_type["train"] if a in r["artifacts"])
-        assert producer["id"] in trained and producer["group"] == "tiny" and producer["name"] == f"fold-{k}"
+        fold_run = json.loads((run / f"fold-{k}" / "metrics.json").read_text())["wandb_run_id"]
+        assert a["type"] == "model" and (producer["id"], producer["group"], producer["name"]) == (
+            fold_run,
+            "tiny",
+            f"fold-{k}",
+        )
+        assert any(
+            r["id"] == fold_run and not r["artifacts"] for r in by_type["train"]
+        )  # the training itself
     oof = arts["run-oof"]
     assert by_type["oof"] and {i["digest"] for i in oof["inputs"]} == {
         arts[f"run-fold-{k}"]["digest"] for k in range(3)

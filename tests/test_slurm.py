@@ -26,6 +26,7 @@ TINY = ROOT / "experiments" / "tiny.yaml"
 FIT = ["--trainer.max_epochs", "3", "--trainer.limit_train_batches", "3", "--trainer.check_val_every_n_epoch", "1",
        "--trainer.logger", "false"]  # fmt: skip
 ENV = dict(os.environ, WANDB_MODE="disabled", CUDA_VISIBLE_DEVICES="")
+OFFLINE = dict(ENV, WANDB_MODE="offline")  # W&B offline: the folds' runs and their lineage are checked
 
 
 def _no_cluster() -> str | None:
@@ -51,16 +52,14 @@ def cluster() -> None:
         pytest.skip(reason)
 
 
-def steel(*args: object, timeout: float = 600) -> subprocess.CompletedProcess:
+def steel(*args: object, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "steel.cli", *map(str, args)], capture_output=True, text=True,
-                          env=ENV, cwd=ROOT, timeout=timeout)  # fmt: skip
+                          env=env or ENV, cwd=ROOT, timeout=timeout)  # fmt: skip
 
 
-def launch(
-    run: Path, data: Path, folds: Path, *args: object, fit: list[str] = FIT
-) -> subprocess.CompletedProcess:
+def launch(run: Path, data: Path, folds: Path, *args: object, fit: list[str] = FIT, env: dict | None = None):
     return steel("launch", "--config", TINY, "--executor", "slurm", "--run-dir", run, "--data-dir", data,
-                 "--folds-csv", folds, "--cpus-per-task", 1, *args, "--", *fit)  # fmt: skip
+                 "--folds-csv", folds, "--cpus-per-task", 1, *args, "--", *fit, env=env)  # fmt: skip
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -157,13 +156,17 @@ def test_requests_no_node_can_run_are_refused_before_submitting(tmp_path, synth_
 def test_array_cancel_resume_and_oof(tmp_path, synth_dir, split2, cleanup):
     run = tmp_path / "run"
     t0 = time.time()
+
+    def go(*args: object) -> subprocess.CompletedProcess:  # W&B offline: each fold logs a train run
+        return launch(run, synth_dir, split2, *args, fit=FIT[:-2], env=OFFLINE)
+
     # 1. the dry run's file, submitted by hand, trains both folds
-    ok(launch(run, synth_dir, split2, "--dry-run"))
+    ok(go("--dry-run"))
     sbatch_file = run / "slurm" / "array.sbatch"
     text = sbatch_file.read_text()
     assert "#SBATCH --array=0-1%2" in text and "#SBATCH --cpus-per-task=1" in text
     proc = subprocess.run(
-        ["sbatch", "--parsable", str(sbatch_file)], capture_output=True, text=True, cwd=tmp_path
+        ["sbatch", "--parsable", str(sbatch_file)], capture_output=True, text=True, cwd=tmp_path, env=OFFLINE
     )
     assert proc.returncode == 0, proc.stderr
     array = proc.stdout.strip().split(";")[0]
@@ -174,22 +177,22 @@ def test_array_cancel_resume_and_oof(tmp_path, synth_dir, split2, cleanup):
         "both tasks to start",
     )
     # 2. a relaunch while they run is refused
-    refused(launch(run, synth_dir, split2), f"fold 0 is already running as SLURM job {array}_0")
+    refused(go(), f"fold 0 is already running as SLURM job {array}_0")
     # 3. cancel fold 1 once it has a resume point; fold 0 finishes
     wait_for(lambda: (run / "fold-1" / "last.ckpt").is_file(), 300, "fold 1's first last.ckpt", poll=0.2)
     subprocess.run(["scancel", f"{array}_1"], check=True)
     wait_for(lambda: not queued(array), 300, "the array to end")
     t_first = time.time() - t0
     # 4. true states: fold 0 done, fold 1 cancelled
-    status = ok(launch(run, synth_dir, split2, "--status"))
+    status = ok(go("--status"))
     assert re.search(r"^\s+0  done\b", status.stdout, re.M) and re.search(
         r"^\s+1  cancelled .*CANCELLED", status.stdout, re.M
     ), status.stdout
     assert summary_states(run) == {"0": "done", "1": "cancelled"}
     # 5. relaunch: fold 1 only, through exactly the file a dry run writes; it resumes from its last.ckpt
-    ok(launch(run, synth_dir, split2, "--dry-run"))
+    ok(go("--dry-run"))
     dry = sbatch_file.read_text()
-    sub = ok(launch(run, synth_dir, split2))
+    sub = ok(go())
     job = re.search(r"fold 1: submitted as SLURM job (\d+) \(resumes from last.ckpt\)", sub.stdout).group(1)
     cleanup.append(job)
     assert "fold 0: already done" in sub.stdout and sbatch_file.read_text() == dry
@@ -201,11 +204,22 @@ def test_array_cancel_resume_and_oof(tmp_path, synth_dir, split2, cleanup):
     last = torch.load(run / "fold-1" / "last.ckpt", map_location="cpu", weights_only=False)
     assert last["global_step"] == 9 and last["epoch"] == 2  # 3 epochs x 3 batches in all, none trained twice
     # 6. every fold done: the relaunch builds the OOF store
-    final = ok(launch(run, synth_dir, split2))
+    final = ok(go())
     from steel.oof import OOFStore
 
     assert len(OOFStore(run)) == 60 and summary_states(run) == {"0": "done", "1": "done"}
     assert "OOF waits" not in final.stdout
+    # 7. W&B: each fold's run is a train run of the group and logged its checkpoint; the OOF run names them
+    from tests.test_launch import wandb_runs
+
+    runs = wandb_runs(run)
+    arts = {a["name"]: a for r in runs for a in r["artifacts"]}
+    for k in (0, 1):  # logged from the fold's own (Lightning) run, still open in the task
+        producer = next(r for r in runs if arts[f"run-fold-{k}"] in r["artifacts"])
+        fold_run = json.loads((run / f"fold-{k}" / "metrics.json").read_text())["wandb_run_id"]
+        assert (producer["job_type"], producer["group"], producer["id"]) == ("train", "tiny", fold_run)
+    oof_inputs = {i["digest"] for i in arts["run-oof"]["inputs"]}
+    assert oof_inputs == {arts["run-fold-0"]["digest"], arts["run-fold-1"]["digest"]}
     print(f"first array {t_first:.0f} s, total {time.time() - t0:.0f} s")
 
 
