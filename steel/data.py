@@ -1,12 +1,13 @@
 """Data: SteelDataset (grey image, 4 masks, 4 labels), epoch samplers and the LightningDataModule of one fold.
 
-A training/validation item is a dict (what loader workers send: 2 bytes a pixel, not 8)
+A training/validation item is a dict, what loader workers send (2 bytes a pixel rather than 8, and two
+tensors: each tensor of a batch costs a shared-memory segment and a file-descriptor hand-over)
   image     uint8 (1, H, W) grey
   mask      uint8 (H, W), bit c set where class c + 1 has a defect (``pack_masks``)
-  label     float32 (4,) 1 where the class has pixels
   image_id  str
 and a batch, once on the device (``SteelDataModule.on_after_batch_transfer`` -> ``prepare_batch``), is what
-the model takes: image float32 (B, 1, H, W) in [0, 1] (/ 255), mask uint8 (B, 4, H, W) 0/1, label (B, 4).
+the model takes: image float32 (B, 1, H, W) in [0, 1] (/ 255), mask uint8 (B, 4, H, W) 0/1 and
+label float32 (B, 4), 1 where the class has pixels in ``mask``.
 Training items are cropped/resized/augmented; validation items are the full native image (the model resizes to
 its ``input_size`` itself, so validation and inference share one path). Prediction items have no mask/label.
 """
@@ -83,7 +84,6 @@ class SteelDataset(Dataset):
         return {
             "image": torch.from_numpy(img)[None],
             "mask": torch.from_numpy(pack_masks(m)),
-            "label": torch.from_numpy(m.any(axis=(1, 2)).astype(np.float32)),
             "image_id": image_id,
         }
 
@@ -104,11 +104,14 @@ def unpack_masks(packed: torch.Tensor, n: int = N_CLASSES) -> torch.Tensor:
 
 def prepare_batch(batch: dict) -> dict:
     """A collated batch of items -> what the model takes, in place, on the batch's device: images float32 in
-    [0, 1] (/ 255), masks unpacked to (B, 4, H, W). Batches already in that form pass unchanged."""
+    [0, 1] (/ 255), masks unpacked to (B, 4, H, W), labels (B, 4) from the masks. Batches already in that form
+    pass unchanged."""
     if batch["image"].dtype == torch.uint8:
         batch["image"] = batch["image"].float().div_(255.0)
     if "mask" in batch and batch["mask"].dim() == batch["image"].dim() - 1:
         batch["mask"] = unpack_masks(batch["mask"])
+    if "mask" in batch and "label" not in batch:
+        batch["label"] = batch["mask"].flatten(2).amax(2).float()
     return batch
 
 
