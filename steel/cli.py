@@ -96,6 +96,36 @@ def _remove_unused_run_dir(cli: object) -> None:
             break
 
 
+def _check_configs(argv: list[str]) -> None:
+    """SteelError naming a --config file that is a directory, missing, empty or not YAML (jsonargparse's own
+    messages for these name no file)."""
+    import yaml
+
+    for i, arg in enumerate(argv):
+        if arg in ("-c", "--config") and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        path = Path(value)
+        if path.is_dir():
+            raise SteelError(f"{path}: is a directory, expected a YAML config file")
+        if not path.is_file():
+            if value.endswith((".yaml", ".yml")):
+                raise SteelError(f"{path}: config file not found")
+            continue  # jsonargparse also takes inline YAML here
+        text = path.read_text()
+        if not text.strip():
+            raise SteelError(f"{path}: empty config file")
+        try:
+            yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}: " if mark is not None else ""
+            raise SteelError(f"{path}: {where}not valid YAML ({getattr(e, 'problem', None) or e})") from None
+
+
 def _lightning(argv: list[str]) -> None:
     """Run a LightningCLI subcommand. Config errors raise (no usage dump); a failure before training started
     removes the run dir it created."""
@@ -122,6 +152,7 @@ def _lightning(argv: list[str]) -> None:
             started.append(self)
             super().before_instantiate_classes()
 
+    _check_configs(argv)
     # None: LightningCLI reads sys.argv itself (no "args and sys.argv both given" warning)
     args = None if argv == sys.argv[1:] else argv
     try:

@@ -364,6 +364,17 @@ FIT_CASES = [
         "data/train.csv: empty",
     ),
     Case("fit-empty-folds-csv", lambda d: (d / "folds.csv").write_text("") or fit(), "folds.csv: empty"),
+    Case("fit-config-is-dir", lambda d: fit("--config", "data"), "data: is a directory"),
+    Case(
+        "fit-empty-config",
+        lambda d: (d / "e.yaml").write_text("") or fit("--config", "e.yaml"),
+        "e.yaml: empty",
+    ),
+    Case(
+        "fit-config-not-yaml",
+        lambda d: (d / "b.yaml").write_text("model: [1, 2\n") and fit("--config", "b.yaml"),
+        "b.yaml: line 2: not valid YAML",
+    ),
     Case("fit-bad-logger", lambda d: fit("--trainer.logger", "NoSuchLogger"), "NoSuchLogger"),
     Case("fit-negative-epochs", lambda d: fit("--trainer.max_epochs", "-5"), "-5"),
     Case(
