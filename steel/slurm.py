@@ -417,12 +417,17 @@ def _outcome(e: BaseException, guard: RequeueOnSignal) -> tuple[str, str]:
 
 # ---- submission ----------------------------------------------------------------------------------------------
 def setup_lines(folder: Path, templates: Path) -> list[str]:
-    """sbatch setup: a task whose submitit pickle is missing (the file submitted by hand) copies its template."""
-    f, t = shlex.quote(str(folder)), shlex.quote(str(templates))
+    """sbatch setup: a task whose submitit pickle is missing (the file submitted by hand) copies its template.
+
+    The pickle's path is submitit's own (``JobPaths.submitted_pickle`` of the task's job id "ARRAY_TASK")."""
+    from submitit.core.utils import JobPaths
+
+    pre, _, post = str(JobPaths(folder, job_id="STEEL-JOB-ID").submitted_pickle).partition("STEEL-JOB-ID")
+    pkl = f'{shlex.quote(pre)}"$sid"{shlex.quote(post)}'
     return [
         "# steel: a task started by a plain `sbatch` of this file takes its pickle from the templates",
         "sid=${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}; sid=${sid:-$SLURM_JOB_ID}",
-        f'[ -e {f}/"${{sid}}_submitted.pkl" ] || cp {t}/"${{SLURM_ARRAY_TASK_ID:-0}}.pkl" {f}/"${{sid}}_submitted.pkl"',
+        f'[ -e {pkl} ] || cp {shlex.quote(str(templates))}/"${{SLURM_ARRAY_TASK_ID:-0}}.pkl" {pkl}',
     ]
 
 
@@ -498,9 +503,6 @@ def submit(tasks: list[FoldTask], folder: Path, req: Request, dry_run: bool = Fa
             raise SteelError(f"sbatch refused the array: {lines[-1].strip()}") from None
         ids = [j.job_id for j in jobs]
         text = jobs[0].paths.submission_file.read_text()
-        expected = folder / f"{ids[0]}_submitted.pkl"
-        if jobs[0].paths.submitted_pickle != expected:  # the setup line relies on submitit's naming
-            raise RuntimeError(f"submitit names its pickles {jobs[0].paths.submitted_pickle}, not {expected}")
     from steel.io import write_text
 
     write_text(out, text)

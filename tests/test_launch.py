@@ -179,7 +179,7 @@ def test_slurm_dry_run_without_a_cluster(tmp_path, synth_dir, folds_csv):
                  f"#SBATCH --output={run.resolve()}/slurm/%A_%a_0_log.out"):  # fmt: skip
         assert line in sbatch, line
     assert f"-m submitit.core._submit {run.resolve()}/slurm" in sbatch  # absolute folder
-    assert '_submitted.pkl" ] || cp' in sbatch  # a plain sbatch finds each task's pickle
+    assert '"$sid"_submitted.pkl ] || cp' in sbatch  # a plain sbatch finds each task's pickle
     assert sorted(p.name for p in (run / "slurm").iterdir()) == ["array.sbatch", "commands.txt", "tasks"]
     cmds = (run / "slurm" / "commands.txt").read_text().splitlines()
     assert len(cmds) == 3
