@@ -11,10 +11,15 @@ Data: Kaggle-size synthetic images (``steel synth``, 256x1600) unless ``--data-d
    window only, crop, light augmentations, masks packed into bits, uint8 collation) vs ``cv2.imread(GRAYSCALE)``
    of the same files on a thread pool of the same size, measured alternately ``--repeats`` times (best kept);
    also the loader plus ``prepare_batch`` (float images, unpacked masks) on the device, which on a CPU-only
-   box shares the same cores.
+   box shares the same cores, and the CPU time each side spends per image (Linux: this process, its threads
+   and its worker processes, from /proc): on a busy machine the wall-clock ratio drifts with the other jobs,
+   the CPU-time ratio is what an idle box with these cores would show.
 2. step: ``SteelModule`` fitted by a ``pl.Trainer`` (no logger/checkpoints/progress bar) on one fixed batch
    served from memory vs a hand-written loop (forward, the same losses, backward, optimizer step) on the same
-   batch; both count images/s after ``--warmup`` steps, alternating ``--rounds`` times (best kept), for each
+   batch. Both take the batch as the train loader hands it over (uint8 images, packed masks; pinned on CUDA)
+   and each step move it to the device and ``prepare_batch`` it there (Lightning through the data module's
+   ``on_after_batch_transfer``, as ``steel fit`` does), so the ratio is Lightning's own overhead; both count
+   images/s after ``--warmup`` steps, alternating ``--rounds`` times (best kept), for each
    model and memory layout (channels_last), with the GPU memory peak. Device: CUDA if available, else CPU.
 """
 
@@ -69,6 +74,23 @@ def ensure_data(
         capture_output=True,
     )
     return out, folds
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system, s) of this process and its live children (DataLoader workers), from /proc;
+    NaN off Linux."""
+    if not os.path.isdir("/proc/self"):
+        return float("nan")
+    me, ticks, total = os.getpid(), os.sysconf("SC_CLK_TCK"), 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # ended meanwhile
+            continue
+        if int(pid) == me or int(fields[1]) == me:  # fields[1]: parent pid; [11], [12]: utime, stime
+            total += int(fields[11]) + int(fields[12])
+    return total / ticks
 
 
 def bench_decode(paths: list[Path], workers: int, repeats: int) -> float:
@@ -142,9 +164,16 @@ def make_batch(data_dir: Path, folds: Path, batch: int, crop: list[int]) -> dict
         pin_memory=False,
     )
     dm.setup("fit")
+    return next(iter(dm.train_dataloader()))  # as the loader hands it over: uint8 images, packed masks
+
+
+def to_model(batch: dict, device: str) -> dict:
+    """One step's data path: the loader's batch to ``device`` (non-blocking) and ``prepare_batch`` there."""
     from steel.data import prepare_batch
 
-    return prepare_batch(next(iter(dm.train_dataloader())))  # float images, unpacked masks
+    return prepare_batch(
+        {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    )
 
 
 class FixedBatches(torch.utils.data.Dataset):
@@ -157,7 +186,7 @@ class FixedBatches(torch.utils.data.Dataset):
         return self.n
 
     def __getitem__(self, i: int) -> dict:
-        return self.batch
+        return dict(self.batch)  # prepare_batch replaces entries of the dict it is given
 
 
 def _memory_format(channels_last: bool) -> torch.memory_format:
@@ -180,17 +209,17 @@ def bench_plain(
     fmt = _memory_format(channels_last)
     module = SteelModule(**model_args).to(device, memory_format=fmt).train()
     opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
-    b = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-    b["image"] = b["image"].contiguous(memory_format=fmt)
+    batch = {**batch, "image": batch["image"].contiguous(memory_format=fmt)}  # .to(device) keeps the layout
     amp = precision.startswith("16") or precision.startswith("bf16")
     dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float16
     scaler = torch.amp.GradScaler(enabled=precision.startswith("16") and device == "cuda")
-    n = b["image"].shape[0]
+    n = batch["image"].shape[0]
     for i in range(warmup + steps):
         if i == warmup:
             if device == "cuda":
                 torch.cuda.synchronize()
             t = time.perf_counter()
+        b = to_model(batch, device)
         with torch.autocast(device_type=device, dtype=dtype, enabled=amp):
             out = module.net(b["image"])
             loss, _ = module._losses(out, b)
@@ -234,7 +263,19 @@ def bench_lightning(
     module = SteelModule(**model_args, optimizer="adamw", lr=1e-4, scheduler="none", log_images=0)
     module = module.to(memory_format=fmt)
     batch = {**batch, "image": batch["image"].contiguous(memory_format=fmt)}  # .to(device) keeps the layout
-    loader = torch.utils.data.DataLoader(FixedBatches(batch, warmup + steps), batch_size=None, num_workers=0)
+    from steel.data import prepare_batch
+
+    class FixedData(pl.LightningDataModule):
+        """``FixedBatches`` as a data module whose batches are prepared on the device, as SteelDataModule's."""
+
+        def train_dataloader(self) -> torch.utils.data.DataLoader:
+            return torch.utils.data.DataLoader(
+                FixedBatches(batch, warmup + steps), batch_size=None, num_workers=0
+            )
+
+        def on_after_batch_transfer(self, b: dict, dataloader_idx: int) -> dict:
+            return prepare_batch(b)
+
     clock = Clock()
     trainer = pl.Trainer(
         accelerator="gpu" if device == "cuda" else "cpu",
@@ -248,7 +289,7 @@ def bench_lightning(
         enable_model_summary=False,
         callbacks=[clock],
     )
-    trainer.fit(module, train_dataloaders=loader)
+    trainer.fit(module, datamodule=FixedData())
     return steps * batch["image"].shape[0] / clock.elapsed
 
 
@@ -339,11 +380,18 @@ def main() -> None:
         loader_ = train_loader(data_dir, folds, args.workers, args.batch * 2, args.crop)
         loader_pass(loader_)  # starts the workers
         decode = loader = prepared = 0.0
+        cpu_decode = cpu_loader = 0.0  # CPU seconds over all passes
         for _ in range(args.repeats):  # interleaved, best of repeats: the machine's load drifts
+            c0 = cpu_seconds()
             decode = max(decode, bench_decode(paths, args.workers, 1))
+            c1 = cpu_seconds()
             loader = max(loader, loader_pass(loader_)[0])
+            c2 = cpu_seconds()
             rate, n = loader_pass(loader_, device)
             prepared = max(prepared, rate)
+            cpu_decode, cpu_loader = cpu_decode + c1 - c0, cpu_loader + c2 - c1
+        ms_decode = cpu_decode / (args.repeats * len(paths)) * 1e3
+        ms_loader = cpu_loader / (args.repeats * n) * 1e3
         print(
             f"\n[loader] {n} train images of {shape[0]}x{shape[1]}, crop {args.crop[0]}x{args.crop[1]}, batch {args.batch * 2},"
             f" {args.workers} workers, best of {args.repeats} interleaved passes, load {os.getloadavg()[0]:.1f}"
@@ -354,8 +402,14 @@ def main() -> None:
         print(
             f"  loader + prepare_batch on {device:<4}       : {prepared:9.1f} images/s ({prepared / decode:.3f})"
         )
+        print(
+            f"  CPU ms per image: raw decode {ms_decode:.3f}, loader {ms_loader:.3f} (main + workers);"
+            f" ratio {ms_decode / ms_loader:.3f}"
+        )
 
         batch = make_batch(data_dir, folds, args.batch, args.crop)
+        if device == "cuda":  # as the loader hands it over with pin_memory
+            batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}
         bench_steps(args, batch, device)
 
 
