@@ -283,6 +283,7 @@ class RequeueOnSignal:
     def __init__(self, fold_dir: str | os.PathLike, fold: int) -> None:
         self.fold_dir, self.fold = Path(fold_dir), fold
         self.requested = False
+        self.started = False  # the trainer reached its first training step
         self.saved_step: int | None = None
         self.signum: int | None = None
         self.handler: Any = None
@@ -295,6 +296,13 @@ class RequeueOnSignal:
 
     def _note(self, signum: int, frame: Any) -> None:
         self.requested = True
+        if not self.started and callable(self.handler):  # nothing trained yet: nothing to save, requeue now
+            print(
+                f"fold {self.fold}: {signal.Signals(signum).name} before training started: requeue",
+                flush=True,
+            )
+            self.handler(signum, frame)
+            return
         print(f"fold {self.fold}: {signal.Signals(signum).name} (time limit near): checkpoint at the end of this "
               "batch, then requeue", flush=True)  # fmt: skip
 
@@ -328,6 +336,9 @@ class RequeueOnSignal:
         guard = self
 
         class RequeueCallback(pl.Callback):
+            def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+                guard.started = True
+
             def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
                 guard.save_and_requeue(trainer)
 

@@ -224,13 +224,15 @@ def test_array_cancel_resume_and_oof(tmp_path, synth_dir, split2, cleanup):
 
 
 def test_time_limit_requeue_resume_and_failed_states(tmp_path, synth_dir, split2, cleanup):
-    """--time 1 --signal-delay 20: SIGUSR2 comes 10-40 s into each run. The fold saves last.ckpt, is requeued,
-    resumes, and after --max-requeues 1 shows as timed out. Beside it a fold that fails shows its cause."""
+    """--time 1 --signal-delay 15: SIGUSR2 comes 15-45 s into each run (SLURM checks limits every 30 s). A fold
+    too long to finish saves last.ckpt, is requeued, resumes, and after --max-requeues 1 shows as timed out.
+    Beside it a fold that fails shows its cause."""
     t0 = time.time()
     slow, bad = tmp_path / "slow", tmp_path / "bad"
-    long_fit = ["--trainer.max_epochs", "40", "--trainer.limit_train_batches", "4", "--trainer.check_val_every_n_epoch",
+    # never finishes, however fast the machine: only the time limit ends it
+    long_fit = ["--trainer.max_epochs", "100000", "--trainer.limit_train_batches", "4", "--trainer.check_val_every_n_epoch",
                 "1", "--trainer.logger", "false"]  # fmt: skip
-    sub = ok(launch(slow, synth_dir, split2, "--folds", 0, "--time", 1, "--signal-delay", 20, "--max-requeues", 1,
+    sub = ok(launch(slow, synth_dir, split2, "--folds", 0, "--time", 1, "--signal-delay", 15, "--max-requeues", 1,
                     fit=long_fit))  # fmt: skip
     job = re.search(r"fold 0: submitted as SLURM job (\d+)", sub.stdout).group(1)
     cleanup.append(job)
@@ -244,6 +246,9 @@ def test_time_limit_requeue_resume_and_failed_states(tmp_path, synth_dir, split2
         -3000:
     ]  # saved at each signal; the second run went on
     assert "Requeued job" in log and "fold 0: resuming from" in log and "timed-out too many times" in log
+    assert (
+        log.index("fold 0: resuming from") < log.index("Restored all states") < log.rindex("last.ckpt saved")
+    )
     import torch
 
     assert (
