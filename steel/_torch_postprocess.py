@@ -1,7 +1,11 @@
 """Batched torch post-processing, identical to ``steel.postprocess.postprocess`` (see there for the rules).
 
-Pure torch and TorchScript-scriptable (``torch.jit.script(postprocess_torch)``), CPU or CUDA; not traceable,
-since the component labelling loops until convergence. Import it as ``steel.postprocess.postprocess_torch``.
+Two versions, bit-identical to each other and to the numpy reference, CPU or CUDA:
+  * ``postprocess_torch`` (eager: the ensemble's forward, validation): Python control flow over values, host
+    synchronisation to skip work; imported as ``steel.postprocess.postprocess_torch``;
+  * ``postprocess_static`` (what ``steel export`` puts in the .pt2 / AOTInductor / ONNX program): no Python
+    control flow over values; data-dependent sizes come from ``nonzero`` and the labelling loops are
+    ``torch.while_loop`` (``component_sizes_static``, at the end of this file).
 
 Connected components (8-connectivity) are labelled on horizontal runs rather than pixels, so that the number
 of rounds no longer grows with a component's length (the former 3x3 max-pool propagation needed as many
@@ -196,3 +200,122 @@ def postprocess_torch(
     for i in small:  # below min_area after component removal
         flat[i].zero_()
     return mask
+
+
+# ---- static shapes, for torch.export / AOTInductor / torch.compile ---------------------------------------
+def _while(cond, body, init: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """``torch.while_loop`` when traced (export, compile), a Python loop otherwise (eager ``while_loop`` would
+    call torch.compile on every new shape): the same iterations either way."""
+    if torch.compiler.is_compiling():
+        return tuple(torch.while_loop(cond, body, init))
+    while bool(cond(*init)):
+        init = tuple(body(*init))
+    return init
+
+
+def _jump_all(parent: torch.Tensor) -> torch.Tensor:
+    """Pointer jumping until every node points at a root (parent[parent] == parent)."""
+
+    def body(p: torch.Tensor, go: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        grand = p.index_select(0, p)
+        return grand, (grand != p).any()
+
+    return _while(
+        lambda p, go: go.clone(), body, (parent, torch.ones((), dtype=torch.bool, device=parent.device))
+    )[0]
+
+
+def component_sizes_static(mask: torch.Tensor, compact: bool = True) -> torch.Tensor:
+    """``component_sizes_torch`` without host synchronisation or Python control flow over values (for
+    torch.export, AOTInductor, ONNX and torch.compile): mask bool (N, H, W) -> int64 (N, H, W), the size of
+    each pixel's 8-connected component, 0 off the mask.
+
+    Runs are numbered 1.. in reading order by a cumulative sum of run starts (0 = background). Run B touches
+    the runs of the row above that overlap its columns widened by one; each such pair is listed once or
+    twice (at B's first pixel: the runs over its up-left and up pixels; at any pixel of B: a run starting
+    over its up-right pixel), so the edges are O(runs), not O(pixels). Then rounds of hooking (the larger
+    of two roots across an edge takes the smaller: ``scatter_reduce(amin)``, parents only decrease, so the
+    forest stays acyclic) and full pointer jumping, in ``torch.while_loop`` loops that end when no edge joins
+    two trees: exact whatever the number of rounds (a few in practice). Everything after the pixel passes
+    works on arrays of runs and edges.
+
+    ``compact=False``: the same with every size fixed by the mask's shape (runs and edges padded to one slot
+    a pixel, unused edges join the background to itself; no ``nonzero``): slower on the CPU, for exporters
+    that cannot trace data-dependent sizes inside ``while_loop`` (older torch).
+    """
+    n, h, w = mask.shape
+    col = torch.zeros_like(mask[:, :, :1])
+    left = torch.cat([col, mask[:, :, :-1]], 2)
+    up = torch.cat([torch.zeros_like(mask[:, :1]), mask[:, :-1]], 1)
+    up_left = torch.cat([col, up[:, :, :-1]], 2)
+    up_right = torch.cat([up[:, :, 1:], col], 2)
+    start = mask & ~left
+    flat = mask.reshape(-1)
+    run = torch.cumsum(start.reshape(-1), 0)  # run number (1..) of each mask pixel
+    slots = start.reshape(-1).nonzero().shape[0] + 1 if compact else flat.shape[0] + 1
+    length = torch.zeros(slots, dtype=torch.int64, device=mask.device)
+    length = length.index_add(0, run, flat.long())  # background (run 0) gets 0
+    pairs = []
+    for touch, offset in ((start & up_left, w + 1), (start & up, w), (mask & up_right & ~up, w - 1)):
+        if compact:
+            at = touch.reshape(-1).nonzero().squeeze(1)
+            pairs.append((run.index_select(0, at), run.index_select(0, at - offset)))
+        else:  # every pixel: its edge where it touches, else background -> background
+            on = touch.reshape(-1)
+            above = run.index_select(0, (torch.arange(on.shape[0], device=mask.device) - offset).clamp(min=0))
+            pairs.append((torch.where(on, run, 0), torch.where(on, above, 0)))
+    lo = torch.cat([q for _, q in pairs])  # the run above: always the smaller number
+    hi = torch.cat([p for p, _ in pairs])
+
+    def body(parent: torch.Tensor, go: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = parent.index_select(0, lo), parent.index_select(0, hi)
+        parent = _jump_all(parent.scatter_reduce(0, torch.maximum(a, b), torch.minimum(a, b), "amin"))
+        return parent, (parent.index_select(0, lo) != parent.index_select(0, hi)).any()
+
+    parent = torch.arange(length.shape[0], device=mask.device)
+    go = torch.ones((), dtype=torch.bool, device=mask.device)
+    root = _while(lambda p, go: go.clone(), body, (parent, go))[0]
+    area = torch.zeros_like(length).index_add(0, root, length).index_select(0, root)
+    return torch.where(flat, area.index_select(0, run), 0).view(n, h, w)
+
+
+def postprocess_static(
+    prob: torch.Tensor,
+    cls: torch.Tensor,
+    label_thr: torch.Tensor,
+    pixel_thr: torch.Tensor,
+    min_area: torch.Tensor,
+    min_component: torch.Tensor,
+    soft: bool = False,
+    stride: int = 1,
+    compact: bool = True,
+) -> torch.Tensor:
+    """``postprocess_torch`` without host synchronisation or Python loops over values (for torch.export,
+    AOTInductor and torch.compile; bit-identical to it and to the numpy reference). Components are labelled
+    only in the planes that can keep pixels (gate passed, ``min_component > 0``, area not below ``min_area``):
+    ``compact`` selects those planes (``nonzero``), else the others are emptied and every shape stays fixed
+    (``component_sizes_static(compact=False)``)."""
+    b, c, h, w = prob.shape
+    dev = prob.device
+    s2 = float(stride * stride)
+    gate = cls >= label_thr.to(device=dev, dtype=cls.dtype).view(1, c)
+    x = prob * cls.to(prob.dtype).view(b, c, 1, 1) if soft else prob
+    mask = (x >= pixel_thr.to(device=dev, dtype=prob.dtype).view(1, c, 1, 1)) & gate.view(b, c, 1, 1)
+    flat = mask.reshape(b * c, h, w)
+    mc = min_component.to(device=dev, dtype=torch.float64).view(1, c).expand(b, c).reshape(-1)
+    ma = min_area.to(device=dev, dtype=torch.float64).view(1, c).expand(b, c).reshape(-1)
+    area = flat.sum((1, 2))
+    need = (mc > 0) & (area > 0) & (area.to(torch.float64) * s2 >= ma)
+    if not compact:
+        sizes = component_sizes_static(flat & need.view(-1, 1, 1), compact=False)
+        flat = flat & (~need.view(-1, 1, 1) | (sizes.to(torch.float64) * s2 >= mc.view(-1, 1, 1)))
+        area = flat.sum((1, 2))
+        return (flat & (area.to(torch.float64) * s2 >= ma).view(-1, 1, 1)).view(b, c, h, w)
+    need = need.nonzero().squeeze(1)
+    # plane 0 of ``sub`` is an empty spare, so that the number of planes is never 0 (torch.export proves it)
+    sub = torch.cat([torch.zeros_like(flat[:1]), flat.index_select(0, need)])
+    sizes = component_sizes_static(sub)[1:]
+    kept = sub[1:] & (sizes.to(torch.float64) * s2 >= mc.index_select(0, need).view(-1, 1, 1))
+    flat = flat.index_copy(0, need, kept)
+    area = flat.sum((1, 2))
+    return (flat & (area.to(torch.float64) * s2 >= ma).view(-1, 1, 1)).view(b, c, h, w)

@@ -191,8 +191,8 @@ def demo(out: str | os.PathLike = "demo-out", n_train: int = 200, n_test: int = 
     else:
         print("already there")
 
-    _step("6/8 export: run and blend, one TorchScript file each")
-    single_pt, blend_pt = out / "single.pt", out / "ensemble.pt"
+    _step("6/8 export: run and blend, one torch.export .pt2 file each")
+    single_pt, blend_pt = out / "single.pt2", out / "ensemble.pt2"
     for src, dst in ((run, single_pt), (blend_dir, blend_pt)):
         if not dst.is_file() or dst.stat().st_mtime < (src / "thresholds.json").stat().st_mtime:
             _cli("export", src, "--out", dst)

@@ -1,35 +1,35 @@
 """``steel export DIR --out FILE``: a run dir or an ensemble dir (with its thresholds.json) as one file.
 
-TorchScript (default): ``torch.jit.script`` of ``steel.blend.Ensemble`` (the class ``steel predict DIR`` runs
-eagerly) whose fold nets are ``torch.jit.trace``-d: uint8 -> [0, 1], RGB -> grey, resizing to each
-member's input size and back, flip TTA, blending, gating, thresholds and post-processing
-(``steel.postprocess.postprocess_torch``) are all inside. Using it needs torch alone::
+The whole ensemble is one program: uint8 grey images (B, H, W) -> grey / 255, per member resize (or pad) to
+its input size, every fold net on every flip TTA view, flips undone, probabilities resized back, fold and
+member blending (mean / temperature, weights), then the tuned decision rule (label gate, pixel threshold,
+soft gating, small-component removal, min-area; ``steel._torch_postprocess.postprocess_static``, bit-identical
+to ``steel.postprocess``) -> (masks bool (B, 4, H, W), class probs float32 (B, 4), mask probs float32
+(B, 4, H, W)). The batch size is free; H x W is the image size of the run (``manifest["image_size"]``).
 
-    extra = {"manifest.json": ""}
-    model = torch.jit.load("ensemble.pt", _extra_files=extra)   # map_location="cuda" for a GPU
-    manifest = json.loads(extra["manifest.json"])
-    with torch.jit.optimized_execution(False), torch.inference_mode():  # faster: see steel.predict
-        masks, cls_probs, mask_probs = model(images)  # uint8 (B, H, W) or (B, H, W, 3) -> bool (B, 4, H, W),
-                                                      # float (B, 4), float (B, 4, H, W)
+Formats (``--format``, ``--compile``):
+  * ``pt2`` (default): ``torch.export`` archive, the manifest as its extra file ``manifest.json``. Runs with
+    torch alone: ``torch.export.load(path).module()(images)`` (CPU; ``torch.export.passes.move_to_device_pass``
+    moves it to a GPU).
+  * ``--compile cpu|cuda``: the same program compiled ahead of time by AOTInductor into a ``.pt2`` package
+    (``torch._inductor.aoti_load_package(path)(images)``), for that device only; the manifest is added to it.
+  * ``onnx``: the same program through the dynamo ONNX exporter (``torch.onnx.export(..., dynamo=True)``),
+    post-processing included (the component loops are ONNX ``Loop`` nodes); the manifest is in the model's
+    ``metadata_props``. Run it with onnxruntime: inputs {"images": uint8 (B, H, W)}.
 
-The manifest (thresholds, image/input sizes, channels, members, TTA, mode, weights, package versions) is
-``manifest.json`` in the archive's ``extra/`` folder; ``read_manifest`` reads it with zipfile only.
-
-ONNX (``--format onnx``): one fold net of one member (``--member``, ``--fold``), fixed input size
-float (B, 1, h, w) in [0, 1] -> (mask probs (B, 4, h, w), class probs (B, 4)); no resizing, TTA or
-post-processing inside (the manifest, in the model's metadata_props, says what to apply). The export is
-checked against onnxruntime; a max abs difference above ``--tol`` is an error.
+Every export is checked against the eager ensemble on random images before it is written (``--no-check``
+skips it; ``--tol`` bounds the probability difference). The manifest holds thresholds, image / input sizes,
+members and their checkpoints, TTA, mode, weights, package versions and the check's result.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
-import warnings
 import zipfile
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -41,20 +41,14 @@ from steel import KAGGLE_SHAPE, __version__
 from steel.errors import SteelError
 
 MANIFEST = "manifest.json"
-FORMAT = "steel-ensemble/1"
-
-
-@contextmanager
-def quiet_jit():
-    """Silence torch.jit deprecation and tracer warnings (the export is checked numerically instead)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r".*torch\.(jit|onnx).*deprecated", category=FutureWarning)
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")
-        warnings.filterwarnings(
-            "ignore", message=r".*legacy TorchScript-based ONNX export", category=DeprecationWarning
-        )
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        yield
+FORMAT = "steel-ensemble/2"
+MAX_BATCH = 1024  # batch sizes an export accepts: 1 .. MAX_BATCH (a bound keeps AOTInductor's size arithmetic in int64)
+OUTPUTS = ["masks bool (B, 4, H, W)", "class probs float32 (B, 4)", "mask probs float32 (B, 4, H, W)"]
+USAGE = {
+    "pt2": "torch.export.load(path).module()(images)",
+    "aoti": "torch._inductor.aoti_load_package(path)(images)",
+    "onnx": 'onnxruntime.InferenceSession(path).run(None, {"images": images})',
+}
 
 
 def versions() -> dict[str, str]:
@@ -68,22 +62,8 @@ def versions() -> dict[str, str]:
 
 def manifest_of(spec: dict[str, Any], thresholds: dict[str, Any] | None) -> dict[str, Any]:
     """The manifest of an ensemble spec (``steel.blend.build_ensemble``) and its thresholds.json content."""
-    members = [
-        {
-            k: m.get(k)
-            for k in (
-                "run_dir",
-                "checkpoints",
-                "weight",
-                "tta",
-                "input_size",
-                "in_channels",
-                "arch",
-                "encoder",
-            )
-        }
-        for m in spec["members"]
-    ]
+    keys = ("run_dir", "checkpoints", "weight", "tta", "input_size", "in_channels", "arch", "encoder")
+    members = [{k: m.get(k) for k in keys} for m in spec["members"]]
     return {
         "format": FORMAT,
         "kind": spec["kind"],
@@ -96,211 +76,294 @@ def manifest_of(spec: dict[str, Any], thresholds: dict[str, Any] | None) -> dict
         "tta": [m["tta"] for m in members],
         "input_size": [m["input_size"] for m in members],
         "channels": [m["in_channels"] for m in members],
-        "image_size": spec.get("image_size"),
+        "image_size": list(spec.get("image_size") or KAGGLE_SHAPE),
         "thresholds": thresholds,
-        "input": "uint8 (B, H, W) grey or (B, H, W, 3) RGB",
-        "usage": "torch.jit.load(f); with torch.jit.optimized_execution(False), torch.inference_mode(): model(images)",
-        "outputs": [
-            "masks bool (B, 4, H, W)",
-            "class probs float32 (B, 4)",
-            "mask probs float32 (B, 4, H, W)",
-        ],
+        "input": "uint8 (B, H, W) grey, H x W = image_size",
+        "outputs": OUTPUTS,
         "versions": versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """The manifest of an exported file (TorchScript zip or ONNX) without loading the model."""
+    """The manifest of an exported file (.pt2 archive or package, ONNX) without loading the model; SteelError
+    (one line) for a file that is not one, naming old TorchScript exports."""
     path = Path(path)
     if not path.is_file():
-        raise SteelError(f"{path}: file not found")
+        raise SteelError(f"{path}: not found (expected a file from `steel export` or a run/ensemble dir)")
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as z:
-            name = next((n for n in z.namelist() if n.endswith(f"/extra/{MANIFEST}")), None)
+            names = z.namelist()
+            name = next((n for n in names if n.endswith(f"/extra/{MANIFEST}")), None)
+            if any(
+                n.endswith(("/constants.pkl", "/code/__torch__.py")) or "/code/__torch__/" in n for n in names
+            ):
+                raise SteelError(
+                    f"{path}: a TorchScript file (older `steel export`); TorchScript is no longer supported: "
+                    "re-export with `steel export DIR --out FILE.pt2`"
+                )
             if name is None:
                 raise SteelError(f"{path}: no {MANIFEST} inside (not made by `steel export`)")
-            return json.loads(z.read(name))
-    try:
-        import onnx
+            man = json.loads(z.read(name))
+    else:
+        try:
+            import onnx
 
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - any parse failure means "not ours"
-        raise SteelError(f"{path}: neither a TorchScript nor an ONNX file") from None
-    props = {p.key: p.value for p in model.metadata_props}
-    if MANIFEST not in props:
-        raise SteelError(f"{path}: no {MANIFEST} in the ONNX metadata (not made by `steel export`)")
-    return json.loads(props[MANIFEST])
+            model = onnx.load(str(path), load_external_data=False)
+        except Exception:  # noqa: BLE001 - any parse failure means "not ours"
+            raise SteelError(f"{path}: not a file from `steel export` (.pt2 archive or ONNX)") from None
+        props = {p.key: p.value for p in model.metadata_props}
+        if MANIFEST not in props:
+            raise SteelError(f"{path}: no {MANIFEST} in the ONNX metadata (not made by `steel export`)")
+        man = json.loads(props[MANIFEST])
+    if man.get("format") != FORMAT:
+        raise SteelError(
+            f"{path}: made by an older `steel export` ({man.get('format')}); re-export with `steel export DIR --out FILE.pt2`"
+        )
+    return man
 
 
 def exportable(net: nn.Module) -> nn.Module:
-    """Swap memory-efficient swish (a Python autograd Function in smp's efficientnet encoders, which neither
-    tracing nor ONNX can record) for the plain one; numerically identical. Returns ``net`` (eval mode)."""
+    """Swap memory-efficient swish (a Python autograd Function in smp's efficientnet encoders, which the
+    exporters cannot record) for the plain one; numerically identical. Returns ``net`` (eval mode)."""
     for mod in net.modules():
         if hasattr(mod, "set_swish"):
             mod.set_swish(memory_efficient=False)
     return net.eval()
 
 
-def _example_size(member: dict[str, Any], image_size: list[int] | None) -> tuple[int, int]:
-    """(h, w) a member's nets see: its input size, else the image size padded to multiples of 32."""
-    if member.get("input_size"):
-        return int(member["input_size"][0]), int(member["input_size"][1])
-    h, w = image_size or KAGGLE_SHAPE
-    return -(-int(h) // 32) * 32, -(-int(w) // 32) * 32
+class Program(nn.Module):
+    """What is exported: an ``Ensemble``'s forward with the static-shape post-processing.
+
+    forward(images uint8 (B, H, W)) -> (masks bool (B, 4, H, W), class probs (B, 4), mask probs (B, 4, H, W)),
+    equal to ``ensemble(images)`` (the same ``to_input`` and ``probs``; ``postprocess_static`` is bit-identical
+    to the ``postprocess_torch`` the ensemble calls).
+    """
+
+    def __init__(self, ensemble: nn.Module, compact: bool = True) -> None:
+        super().__init__()
+        self.ensemble = ensemble
+        self.compact = compact
+        for member in ensemble.members:
+            for net in member.nets:
+                exportable(net)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        from steel._torch_postprocess import postprocess_static
+
+        e = self.ensemble
+        probs, cls = e.probs(e.to_input(images))
+        masks = postprocess_static(
+            probs, cls, e.label_thr, e.pixel_thr, e.min_area, e.min_component, e.soft, 1, self.compact
+        )
+        return masks, cls, probs
 
 
-def _thresholds(path: Path, required: bool = True) -> tuple[Any, dict[str, Any] | None]:
-    from steel.io import read_json
-    from steel.postprocess import THRESHOLDS_FILE, Params
+def export_program(
+    ensemble: nn.Module, image_size: tuple[int, int] | list[int]
+) -> torch.export.ExportedProgram:
+    """``torch.export`` of ``Program(ensemble)`` for uint8 images (B, H, W), B free (on the ensemble's device).
 
-    if not required and not (path / THRESHOLDS_FILE).is_file():
-        return Params.uniform(), None
-    params = Params.load(path)
-    return params, read_json(path / THRESHOLDS_FILE)
+    The component labelling is traced with data-dependent sizes (``compact``); a torch whose exporter cannot
+    do that inside ``while_loop`` gets the fixed-shape labelling instead (same masks, more work)."""
+    h, w = int(image_size[0]), int(image_size[1])
+    device = ensemble.label_thr.device
+    x = torch.randint(0, 256, (2, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).to(
+        device
+    )
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    failure = ""
+    for compact in (True, False):
+        try:
+            with torch.no_grad():
+                return torch.export.export(
+                    Program(ensemble, compact).eval(), (x,), dynamic_shapes=({0: batch},)
+                )
+        except Exception as e:  # noqa: BLE001 - an exporter failure is reported as one line
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            failure = f"{type(e).__name__}: {msg[:200]}"
+    raise SteelError(f"torch.export of the ensemble failed ({failure})")
 
 
-def script_ensemble(ensemble: nn.Module, spec: dict[str, Any], params: Any) -> torch.jit.ScriptModule:
-    """TorchScript of an eager ``Ensemble`` (built with ``params``): the same class, its fold nets traced at
-    their input size (``strict=False``, dict outputs), everything else scripted. ``ensemble`` is untouched."""
-    from steel.blend import Ensemble, Member
+class OnnxProgram:
+    """An exported ONNX ensemble as a callable: uint8 images (B, H, W) tensor -> the three torch outputs."""
 
-    members = []
-    with quiet_jit():
-        for m, mem in zip(spec["members"], ensemble.members):
-            h, w = _example_size(m, spec.get("image_size"))
-            x = torch.rand(1, 1, h, w, device=ensemble.label_thr.device)
-            traced = [
-                torch.jit.trace(exportable(net), x, strict=False, check_trace=False) for net in mem.nets
-            ]
-            members.append(Member(traced, mem.input_size, mem.tta, mem.power))
-        shell = Ensemble(members, list(ensemble.weights), params).to(ensemble.label_thr.device).eval()
-        return torch.jit.script(shell)
+    def __init__(self, path: str | os.PathLike, device: str = "cpu") -> None:
+        import onnxruntime as ort
+
+        providers = ["CPUExecutionProvider"]
+        if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = ort.InferenceSession(str(path), providers=providers)
+        self.device = device
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.session.run(None, {"images": images.cpu().numpy()})
+        return tuple(torch.from_numpy(o).to(self.device) for o in out)
+
+
+def _open(path: Path, artifact: str, device: str, exported_on: str = "cpu") -> Any:
+    """The callable of an exported file of kind ``artifact`` (pt2, aoti, onnx) on ``device``."""
+    if artifact == "pt2":
+        ep = torch.export.load(str(path))
+        if torch.device(device).type != torch.device(exported_on).type:
+            ep = torch.export.passes.move_to_device_pass(ep, device)
+        return ep.module()
+    if artifact == "aoti":
+        if torch.device(device).type != torch.device(exported_on).type:
+            raise SteelError(
+                f"{path}: compiled for {exported_on} (`steel export --compile {exported_on}`); cannot run on {device}"
+            )
+        return torch._inductor.aoti_load_package(str(path))
+    if artifact == "onnx":
+        return OnnxProgram(path, device)
+    raise SteelError(f"{path}: unknown artifact {artifact!r} in its manifest (newer `steel export`?)")
+
+
+def load_exported(path: str | os.PathLike, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
+    """(callable uint8 images (B, H, W) -> (masks, class probs, mask probs), manifest) of a file from
+    ``steel export``; needs torch (and onnxruntime for ONNX) only. SteelError for other files."""
+    path = Path(path)
+    man = read_manifest(path)
+    try:
+        return _open(path, man.get("artifact"), device, man.get("device", "cpu")), man
+    except SteelError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged file is reported as one line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SteelError(
+            f"{path}: cannot load the exported ensemble ({type(e).__name__}: {msg[:160]})"
+        ) from None
 
 
 @torch.no_grad()
-def parity(eager: nn.Module, scripted: nn.Module, images: torch.Tensor) -> tuple[float, float, int]:
-    """(max abs diff of mask probs, of class probs, number of differing mask pixels) on uint8 images."""
-    with quiet_jit(), torch.jit.optimized_execution(False):
-        m1, c1, p1 = eager(images)
-        m2, c2, p2 = scripted(images)
-    return float((p1 - p2).abs().max()), float((c1 - c2).abs().max()), int((m1 != m2).sum())
+def parity(eager: nn.Module, exported: Any, images: torch.Tensor) -> dict[str, float]:
+    """Differences between the eager ensemble and an exported one on uint8 images (B, H, W): max abs diff of
+    mask probs and of class probs, and the number of mask pixels that differ."""
+    m1, c1, p1 = eager(images)
+    m2, c2, p2 = exported(images)
+    return {
+        "max_abs_diff_probs": float((p1 - p2.to(p1.device)).abs().max()),
+        "max_abs_diff_cls": float((c1 - c2.to(c1.device)).abs().max()),
+        "mask_pixels_differing": int((m1 != m2.to(m1.device)).sum()),
+    }
 
 
-def export_torchscript(
-    path: str | os.PathLike, out: str | os.PathLike, check: bool = True, tol: float = 1e-4
-) -> Path:
-    """Write the TorchScript file of a run/ensemble dir (see the module docstring); returns ``out``."""
-    from steel.blend import build_ensemble
+def write_program(
+    ep: torch.export.ExportedProgram, out: str | os.PathLike, manifest: dict[str, Any], fmt: str = "pt2",
+    compile: str | None = None, eager: nn.Module | None = None, tol: float = 1e-4,
+) -> Path:  # fmt: skip
+    """Write an exported program as ``fmt`` (pt2, onnx; pt2 + ``compile`` cpu|cuda: AOTInductor package)
+    with ``manifest`` inside, atomically (``steel.io.atomic_path``, which first removes the temp file of an
+    interrupted earlier write of ``out``). With ``eager``, the written file is loaded back and compared with
+    it on 2 random images (``manifest["export_check"]``) before it is renamed into place; a probability
+    difference above ``tol`` is a SteelError and nothing is written."""
     from steel.io import atomic_path
 
-    path = Path(path)
+    out = Path(out)
+    artifact = "aoti" if compile else fmt
+    manifest = {**manifest, "artifact": artifact, "usage": USAGE[artifact]}
+    if compile:
+        manifest["device"] = compile
+    device = manifest.get("device", "cpu")
+    with atomic_path(out, out.suffix or ".tmp") as tmp:
+        if fmt == "onnx":
+            _write_onnx(ep, tmp)
+        elif compile:
+            torch._inductor.aoti_compile_and_package(_fresh(ep), package_path=str(tmp))
+        else:
+            torch.export.save(ep, str(tmp))
+        if eager is not None:
+            h, w = manifest.get("image_size") or KAGGLE_SHAPE
+            g = torch.Generator().manual_seed(0)
+            images = torch.randint(0, 256, (2, int(h), int(w)), dtype=torch.uint8, generator=g).to(device)
+            diff = parity(eager, _open(tmp, artifact, device, device), images)
+            manifest["export_check"] = diff
+            name = {"pt2": "torch.export", "aoti": f"AOTInductor ({compile})", "onnx": "ONNX"}[artifact]
+            print(f"export: parity eager vs {name} on 2 random {h}x{w} images: max |dp| {diff['max_abs_diff_probs']:.2e}, "
+                  f"|dcls| {diff['max_abs_diff_cls']:.2e}, {diff['mask_pixels_differing']} mask pixels differ")  # fmt: skip
+            worst = max(diff["max_abs_diff_probs"], diff["max_abs_diff_cls"])
+            if not worst <= tol:
+                raise SteelError(
+                    f"{name} export differs from the eager ensemble by {worst:.2e} > {tol:g}; not written"
+                )
+        _add_manifest(tmp, artifact, json.dumps(manifest, indent=1))
+    return out
+
+
+def _add_manifest(path: Path, artifact: str, text: str) -> None:
+    """Put the manifest into a written file: ``<archive>/extra/manifest.json`` of a .pt2 zip (where
+    ``torch.export.load(..., extra_files=...)`` reads it), ``metadata_props`` of an ONNX model."""
+    if artifact == "onnx":
+        import onnx
+
+        model = onnx.load(str(path))
+        entry = model.metadata_props.add()
+        entry.key, entry.value = MANIFEST, text
+        onnx.save(model, str(path))
+        return
+    with zipfile.ZipFile(path) as z:
+        root = z.namelist()[0].split("/")[0]
+    with zipfile.ZipFile(path, "a") as z:
+        z.writestr(f"{root}/extra/{MANIFEST}", text)
+
+
+def _fresh(ep: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
+    """A copy of ``ep`` through save/load: lowering a program whose ``while_loop``s carry data-dependent sizes
+    leaves state behind (torch 2.14: a second ONNX conversion of the same program fails on "pending unbacked
+    symbols"; ``copy.deepcopy`` keeps that state), so every lowering gets its own copy."""
+    buf = io.BytesIO()
+    torch.export.save(ep, buf)
+    buf.seek(0)
+    return torch.export.load(buf)
+
+
+def _write_onnx(ep: torch.export.ExportedProgram, path: Path) -> None:
+    try:
+        program = torch.onnx.export(
+            _fresh(ep), dynamo=True, input_names=["images"], output_names=["masks", "cls_probs", "mask_probs"],
+            verbose=False,
+        )  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - an exporter failure is reported as one line
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SteelError(f"ONNX export failed ({type(e).__name__}: {msg[:200]}); use --format pt2") from None
+    program.save(str(path))
+
+
+def export(
+    path: str | os.PathLike, out: str | os.PathLike, fmt: str = "pt2", compile: str | None = None,
+    check: bool = True, tol: float = 1e-4,
+) -> Path:  # fmt: skip
+    """Export a run/ensemble dir to ``out`` (see the module docstring); returns ``out``."""
+    from steel.blend import build_ensemble
+    from steel.io import read_json
+    from steel.postprocess import THRESHOLDS_FILE, Params
+
+    path, out = Path(path), Path(out)
+    if fmt not in ("pt2", "onnx"):
+        raise SteelError(f"--format {fmt}: choose pt2 or onnx")
+    if compile and fmt != "pt2":
+        raise SteelError(f"--compile {compile}: AOTInductor packages are .pt2; drop --format {fmt}")
+    if compile not in (None, "cpu", "cuda"):
+        raise SteelError(f"--compile {compile}: choose cpu or cuda")
+    if fmt == "pt2" and out.suffix != ".pt2":
+        raise SteelError(f"--out {out}: a torch.export archive is named *.pt2 (or use --format onnx)")
+    if compile == "cuda" and not torch.cuda.is_available():
+        raise SteelError("--compile cuda: no CUDA device available")
     if not path.is_dir():
         raise SteelError(f"{path}: not a directory (expected a run dir or an ensemble dir)")
-    params, thresholds = _thresholds(path)
-    ensemble, spec = build_ensemble(path, "cpu", params)
-    scripted = script_ensemble(ensemble, spec, params)
-    manifest = manifest_of(spec, thresholds)
-    if check:
-        h, w = spec.get("image_size") or KAGGLE_SHAPE
-        images = torch.randint(
-            0, 256, (2, int(h), int(w)), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
-        )
-        dp, dc, dm = parity(ensemble, scripted, images)
-        manifest["export_check"] = {
-            "max_abs_diff_probs": dp,
-            "max_abs_diff_cls": dc,
-            "mask_pixels_differing": dm,
-        }
-        print(
-            f"export: parity eager vs TorchScript on 2 random {h}x{w} images: max |dp| {dp:.2e}, |dcls| {dc:.2e}, {dm} mask pixels differ"
-        )
-        if max(dp, dc) > tol:
-            raise SteelError(
-                f"TorchScript export differs from the eager ensemble by {max(dp, dc):.2e} > {tol:g}; not written"
-            )
-    with quiet_jit(), atomic_path(out, ".pt") as tmp:
-        torch.jit.save(scripted, str(tmp), _extra_files={MANIFEST: json.dumps(manifest, indent=1)})
-    size = Path(out).stat().st_size / 2**20
+    params = Params.load(path)
+    device = "cuda" if compile == "cuda" else "cpu"
+    ensemble, spec = build_ensemble(path, device, params)
+    manifest = {**manifest_of(spec, read_json(path / THRESHOLDS_FILE)), "device": device}
+    h, w = manifest["image_size"]
+    ep = export_program(ensemble, (h, w))
+    write_program(ep, out, manifest, fmt, compile, ensemble if check else None, tol)
+    name = {"pt2": "torch.export", "onnx": "ONNX"}[fmt] if not compile else f"AOTInductor ({compile})"
+    size = out.stat().st_size / 2**20
     print(f"export: {manifest['n_models']} fold models of {len(spec['members'])} member(s), TTA {manifest['tta']}, "
-          f"mode {spec['mode']} -> {out} ({size:.1f} MiB, TorchScript)")  # fmt: skip
-    return Path(out)
-
-
-class ProbNet(nn.Module):
-    """A fold net with sigmoids: x (B, 1, h, w) in [0, 1] -> (mask probs (B, 4, h, w), class probs (B, 4))."""
-
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__()
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.net(x)
-        return torch.sigmoid(out["mask"]), torch.sigmoid(out["label"])
-
-
-def export_onnx(
-    path: str | os.PathLike, out: str | os.PathLike, member: int = 0, fold: int = 0, tol: float = 1e-4
-) -> tuple[Path, float]:
-    """Write one fold net of one member as ONNX (fixed input size, dynamic batch); returns (out, max abs diff
-    of onnxruntime vs torch). SteelError if smp/torch cannot export it or the parity check fails."""
-    import numpy as np
-    import onnx
-    import onnxruntime as ort
-
-    from steel.blend import ensemble_spec
-    from steel.io import atomic_path
-    from steel.module import load_model
-
-    path = Path(path)
-    spec = ensemble_spec(path)
-    if not 0 <= member < len(spec["members"]):
-        raise SteelError(f"--member {member}: {path} has members 0..{len(spec['members']) - 1}")
-    m = spec["members"][member]
-    if not 0 <= fold < len(m["checkpoints"]):
-        raise SteelError(f"--fold {fold}: member {member} has folds 0..{len(m['checkpoints']) - 1}")
-    model = load_model(m["checkpoints"][fold])
-    m.update(input_size=list(model.input_size) if model.input_size else None, in_channels=int(model.hparams.get("in_channels", 1)),
-             arch=str(model.hparams.get("arch")), encoder=str(model.hparams.get("encoder")))  # fmt: skip
-    h, w = _example_size(m, spec.get("image_size"))
-    net = ProbNet(exportable(model.net)).eval()
-    _, thresholds = _thresholds(path, required=False)
-    manifest = manifest_of(
-        {**spec, "members": [{**m, "checkpoints": [m["checkpoints"][fold]], "weight": 1.0}]}, thresholds
-    )
-    manifest.update(format="steel-onnx/1", onnx_input=[1, h, w], inside="one fold net + sigmoid; no resize, TTA, blending or post-processing",
-                    input="float32 (B, 1, h, w) in [0, 1] (grey / 255) at onnx_input size", outputs=["mask probs (B, 4, h, w)", "class probs (B, 4)"])  # fmt: skip
-    x = torch.rand(2, 1, h, w, generator=torch.Generator().manual_seed(0))
-    with atomic_path(out, ".onnx") as tmp:
-        try:
-            with quiet_jit():
-                torch.onnx.export(net, (x,), str(tmp), dynamo=False, input_names=["image"], output_names=["mask_prob", "label_prob"],
-                                  dynamic_axes={"image": {0: "batch"}, "mask_prob": {0: "batch"}, "label_prob": {0: "batch"}}, opset_version=17)  # fmt: skip
-        except Exception as e:  # noqa: BLE001 - any exporter failure is reported as one line
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise SteelError(
-                f"ONNX export of {m['arch']}/{m['encoder']} failed ({type(e).__name__}: {msg}); use --format torchscript"
-            ) from None
-        onnx_model = onnx.load(str(tmp))
-        entry = onnx_model.metadata_props.add()
-        entry.key, entry.value = MANIFEST, json.dumps(manifest, indent=1)
-        onnx.save(onnx_model, str(tmp))
-        sess = ort.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
-        got = sess.run(None, {"image": x.numpy()})
-        with torch.no_grad():
-            want = net(x)
-        diff = max(float(np.abs(g - t.numpy()).max()) for g, t in zip(got, want))
-        print(
-            f"export: onnxruntime vs torch on 2 random {h}x{w} inputs: max abs diff {diff:.2e} (tol {tol:g})"
-        )
-        if not diff <= tol:
-            raise SteelError(
-                f"ONNX parity check failed: onnxruntime differs from torch by {diff:.2e} > {tol:g}; not written"
-            )
-    print(
-        f"export: member {member} fold {fold} ({m['arch']}/{m['encoder']}, input 1x{h}x{w}) -> {out} (ONNX)"
-    )
-    return Path(out), diff
+          f"mode {spec['mode']}, images {h}x{w} -> {out} ({size:.1f} MiB, {name})")  # fmt: skip
+    return out
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -309,30 +372,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="run dir (fold-K/best.ckpt + thresholds.json) or ensemble dir (ensemble.yaml + thresholds.json)",
     )
-    p.add_argument("--out", required=True, help="file to write (.pt for TorchScript, .onnx for ONNX)")
+    p.add_argument("--out", required=True, help="file to write (FILE.pt2, or FILE.onnx with --format onnx)")
     p.add_argument(
         "--format",
-        choices=("torchscript", "onnx"),
+        choices=("pt2", "onnx"),
         default=None,
-        help="default: onnx if --out ends in .onnx, else torchscript",
-    )
-    p.add_argument("--member", type=int, default=0, help="ONNX: which member (default 0)")
-    p.add_argument("--fold", type=int, default=0, help="ONNX: which fold net of the member (default 0)")
-    p.add_argument(
-        "--no-check", action="store_true", help="TorchScript: skip the eager-vs-exported parity check"
+        help="default: onnx if --out ends in .onnx, else pt2",
     )
     p.add_argument(
-        "--tol",
-        type=float,
-        default=1e-4,
-        help="max abs difference of probabilities allowed by the parity checks",
+        "--compile",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="pt2: compile ahead of time with AOTInductor for this device (runs there only)",
+    )
+    p.add_argument("--no-check", action="store_true", help="skip the eager-vs-exported parity check")
+    p.add_argument(
+        "--tol", type=float, default=1e-4, help="max abs difference of probabilities allowed by the check"
     )
 
 
 def main(args: argparse.Namespace) -> int:
-    fmt = args.format or ("onnx" if str(args.out).lower().endswith(".onnx") else "torchscript")
-    if fmt == "onnx":
-        export_onnx(args.dir, args.out, args.member, args.fold, args.tol)
-    else:
-        export_torchscript(args.dir, args.out, check=not args.no_check, tol=args.tol)
+    fmt = args.format or ("onnx" if str(args.out).lower().endswith(".onnx") else "pt2")
+    export(args.dir, args.out, fmt, args.compile, check=not args.no_check, tol=args.tol)
+    from steel import tracking  # W&B lineage: thresholds.json and checkpoints -> the exported file
+
+    tracking.log_export(args.dir, args.out)
     return 0

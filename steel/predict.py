@@ -1,23 +1,23 @@
 """``steel predict FILE|DIR --images DIR --out submission.csv``: images -> ensemble -> Kaggle submission.
 
-FILE is a TorchScript file from ``steel export`` (loaded with ``torch.jit.load`` alone: no training code or
-config is imported); DIR a run or ensemble dir, run eagerly with the same ``steel.blend.Ensemble`` class the
-export scripts. Images are read (grey, OpenCV) by DataLoader workers, batched, predicted (thresholds and
-post-processing are inside the ensemble), RLE-encoded per (image, class) ("" where empty), written
-atomically and read back with the ``steel score`` validator before the command reports success.
+FILE is a file from ``steel export`` (a ``.pt2`` torch.export archive or AOTInductor package, or ONNX), run
+with torch (onnxruntime for ONNX) alone: no training code or config is imported; DIR a run or ensemble dir,
+run eagerly (``steel.ensemble.Ensemble``, the same forward the export holds). Images are read by DataLoader
+workers (``steel.images.read_grey``: a truncated or corrupt file is one error line naming it; the workers
+die with this process, even on SIGKILL), batched, predicted (thresholds and post-processing are inside the
+ensemble), RLE-encoded per (image, class) ("" where empty), written to a temp file, read back with the
+``steel score`` validator and only then renamed onto ``--out``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -26,11 +26,9 @@ from steel import N_CLASSES, rle
 from steel.errors import SteelError
 from steel.labels import list_images, write_submission
 
-cv2.setNumThreads(0)
-
 
 class ImageFolder(Dataset):
-    """Grey uint8 images (H, W) of a directory by name; an unreadable file gives None (reported by the caller)."""
+    """Grey uint8 images (H, W) of a directory by name; an unreadable file gives its error line instead."""
 
     def __init__(self, images_dir: str | os.PathLike, names: list[str]) -> None:
         self.dir, self.names = Path(images_dir), list(names)
@@ -38,8 +36,13 @@ class ImageFolder(Dataset):
     def __len__(self) -> int:
         return len(self.names)
 
-    def __getitem__(self, i: int) -> tuple[int, np.ndarray | None]:
-        return i, cv2.imread(str(self.dir / self.names[i]), cv2.IMREAD_GRAYSCALE)
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray | str]:
+        from steel.images import read_grey
+
+        try:
+            return i, read_grey(self.dir / self.names[i])
+        except SteelError as e:  # raised in the main process, as one line
+            return i, str(e)
 
 
 def _as_list(items: list) -> list:
@@ -47,7 +50,8 @@ def _as_list(items: list) -> list:
 
 
 def load_predictor(path: str | os.PathLike, device: str = "cpu") -> tuple[Any, dict[str, Any]]:
-    """(callable uint8 images -> (masks, cls probs, mask probs), manifest) of an exported file or a dir."""
+    """(callable uint8 images (B, H, W) -> (masks, cls probs, mask probs), manifest) of an exported file or
+    a run/ensemble dir."""
     path = Path(path)
     if path.is_dir():
         from steel.blend import build_ensemble
@@ -56,24 +60,9 @@ def load_predictor(path: str | os.PathLike, device: str = "cpu") -> tuple[Any, d
 
         ensemble, spec = build_ensemble(path, device)
         return ensemble, manifest_of(spec, read_json(path / "thresholds.json"))
-    if not path.is_file():
-        raise SteelError(f"{path}: not found (expected a file from `steel export` or a run/ensemble dir)")
-    if path.suffix.lower() == ".onnx":
-        raise SteelError(
-            f"{path}: ONNX exports hold one fold net without TTA/post-processing; predict with a TorchScript export or the dir"
-        )
-    from steel.export import MANIFEST, quiet_jit
+    from steel.export import load_exported
 
-    extra = {MANIFEST: ""}
-    try:
-        with quiet_jit():
-            model = torch.jit.load(str(path), map_location=device, _extra_files=extra)
-    except (RuntimeError, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SteelError(f"{path}: not a TorchScript file from `steel export` ({first[:120]})") from None
-    if not extra[MANIFEST]:
-        raise SteelError(f"{path}: no {MANIFEST} inside (not made by `steel export`)")
-    return model.eval(), json.loads(extra[MANIFEST])
+    return load_exported(path, device)
 
 
 def validate_submission(path: str | os.PathLike, images_dir: str | os.PathLike) -> None:
@@ -98,6 +87,9 @@ def predict(
     """Write the submission of every image of ``images_dir``; returns a summary dict."""
     from tqdm import tqdm
 
+    from steel.io import atomic_path
+    from steel.lifecycle import WorkerInit
+
     images_dir = Path(images_dir)
     if images_dir.exists() and not images_dir.is_dir():
         raise SteelError(f"{images_dir}: not a directory of images")
@@ -113,31 +105,33 @@ def predict(
     if workers < 0:
         raise SteelError(f"--workers {workers}: must be >= 0")
     model, manifest = load_predictor(model_path, device)
+    exported = not Path(model_path).is_dir()
+    from steel.export import MAX_BATCH
+
+    batch_size = min(batch_size, MAX_BATCH) if exported else batch_size
 
     loader = DataLoader(ImageFolder(images_dir, names), batch_size=batch_size, num_workers=workers, collate_fn=_as_list,
-                        pin_memory=device.startswith("cuda"))  # fmt: skip
+                        pin_memory=device.startswith("cuda"), worker_init_fn=WorkerInit() if workers else None)  # fmt: skip
     rles: list[list[str]] = [[""] * N_CLASSES for _ in names]
     positive = np.zeros(N_CLASSES, np.int64)
     shape: tuple[int, int] | None = None
+    want = tuple(manifest.get("image_size") or ())
     t0 = time.perf_counter()
-    # TorchScript: plain interpretation. The profiling executor re-specialises the big inlined graph per input
-    # shape and gains nothing on this conv-bound graph (it cost 3-5x on first batches with a loop-heavy
-    # post-processing); eager modules are unaffected
-    with (
-        torch.jit.optimized_execution(False),
-        torch.inference_mode(),
-        tqdm(total=len(names), desc="predict", unit="img") as bar,
-    ):
+    with torch.inference_mode(), tqdm(total=len(names), desc="predict", unit="img") as bar:
         for items in loader:
             idx = [i for i, _ in items]
             imgs = []
             for i, img in items:
-                if img is None:
-                    raise SteelError(f"{images_dir / names[i]}: cannot read image (corrupt or not an image)")
+                if isinstance(img, str):
+                    raise SteelError(img)
                 if shape is None:
                     shape = img.shape
-                    want = manifest.get("image_size")
-                    if want and tuple(want) != shape:
+                    if want and want != shape and exported:
+                        raise SteelError(
+                            f"{images_dir / names[i]}: image is {shape[0]}x{shape[1]}, {model_path} was exported for "
+                            f"{want[0]}x{want[1]} images"
+                        )
+                    if want and want != shape:
                         print(
                             f"predict: warning: images are {shape[0]}x{shape[1]}, the model was tuned on {want[0]}x{want[1]}"
                         )
@@ -153,8 +147,9 @@ def predict(
                 rles[i] = [rle.encode(masks[j, c]) for c in range(N_CLASSES)]
             bar.update(len(idx))
     seconds = time.perf_counter() - t0
-    write_submission(names, rles, out)
-    validate_submission(out, images_dir)
+    with atomic_path(out, ".csv") as tmp:  # validated before it is renamed into place
+        write_submission(names, rles, tmp)
+        validate_submission(tmp, images_dir)
     per_class = ", ".join(f"{c + 1}: {int(n)}" for c, n in enumerate(positive))
     print(f"predict: {len(names)} images in {seconds:.1f}s ({len(names) / max(seconds, 1e-9):.1f} img/s, {device}); "
           f"images with defects per class {per_class} -> {out} (validated)")  # fmt: skip
@@ -163,7 +158,9 @@ def predict(
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "model", metavar="FILE", help="TorchScript file from `steel export`, or a run/ensemble dir (eager)"
+        "model",
+        metavar="FILE",
+        help="file from `steel export` (.pt2 or .onnx), or a run/ensemble dir (eager)",
     )
     p.add_argument("--images", required=True, help="directory of test images")
     p.add_argument("--out", required=True, help="submission CSV to write")

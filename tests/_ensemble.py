@@ -84,14 +84,14 @@ def tiny_runs(tmp_path_factory, synth_dir: Path, folds_csv: Path) -> dict[str, P
 
 
 def exported_ensemble(tmp_path_factory, synth_dir: Path, folds_csv: Path) -> tuple[Path, Path]:
-    """(ensemble dir = mean blend of runs a and b with thresholds.json, its TorchScript export), once a session."""
+    """(ensemble dir = mean blend of runs a and b with thresholds.json, its .pt2 export), once a session."""
     if "ens" not in _CACHE:
         from steel.blend import blend
-        from steel.export import export_torchscript
+        from steel.export import export
 
         runs = tiny_runs(tmp_path_factory, synth_dir, folds_csv)
         root = tmp_path_factory.mktemp("ensemble")
         ens = blend([runs["a"], runs["b"]], root / "ens")
         write_thresholds(ens)
-        _CACHE["ens"], _CACHE["pt"] = ens, export_torchscript(ens, root / "ens.pt", check=False)
+        _CACHE["ens"], _CACHE["pt"] = ens, export(ens, root / "ens.pt2", check=False)
     return _CACHE["ens"], _CACHE["pt"]

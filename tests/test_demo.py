@@ -42,7 +42,7 @@ def test_demo_small_end_to_end_and_resume(tmp_path):
         2,
     ]
     first = run_steel(*args, timeout=1800)
-    for name in ("report.png", "ensemble.pt", "submission.csv", "results.json", "blend/thresholds.json"):
+    for name in ("report.png", "ensemble.pt2", "submission.csv", "results.json", "blend/thresholds.json"):
         assert (tmp_path / name).is_file(), name
     rows = {r["row"]: r for r in json.loads((tmp_path / "results.json").read_text())["table"]}
     assert set(rows) == {
