@@ -115,7 +115,8 @@ def main() -> int:
         stats, _ = load_or_compute_stats(store, pixel, comp, cfg["mode"], progress=False)
         report(f"cached statistics load: {time.perf_counter() - t:.2f} s")
 
-        ev = Evaluator(stats, store, bound=max(float(d["min_component"].high) for d in cfg["dims"]) + 1)
+        bound = max(float(d["min_component"].high) for d in cfg["dims"]) + 1
+        ev = Evaluator(stats, store, bound, args.workers, base=[float(d["pixel"].low) for d in cfg["dims"]])
         for objective in ("mean", "robust"):
             t = time.perf_counter()
             cands = [grid_candidates(stats, c, cfg["dims"][c], ev.folds) for c in range(4)]

@@ -486,26 +486,89 @@ class Components:
         return kept, np.clip(self.inter - s2 * rem_i, 0, kept)
 
 
+@dataclass(frozen=True)
+class _Strip:
+    """Components stacked one under the other (a zero row after each): their quantised levels, truth and the
+    image each row belongs to (-1: a separator row)."""
+
+    q: np.ndarray  # (R, W) uint8
+    truth: np.ndarray  # (T,) int64 flat indices of the truth pixels
+    row_image: np.ndarray  # (R,) int64
+
+
+def _strips(
+    labels: np.ndarray, stats: np.ndarray, planes: np.ndarray, tops: np.ndarray, boxes: np.ndarray,
+    q: np.ndarray, truth: np.ndarray, image: np.ndarray,
+) -> list[_Strip]:  # fmt: skip
+    """Every component of a labelled batch (see ``label_planes``), each cut out with its own pixels only, in
+    strips of components of similar width (powers of 2). ``image``: global image index of each plane."""
+    width_buf = labels.shape[1]
+    fg = np.flatnonzero(labels.reshape(-1))
+    lab = labels.reshape(-1)[fg]
+    r, col = np.divmod(fg, width_buf)
+    band = np.searchsorted(tops, r, side="right") - 1
+    plane = planes[band]
+    pr, pc = r - tops[band] + boxes[plane, 0], col + boxes[plane, 2]
+    left, top, w, h = (stats[:, i].astype(np.int64) for i in range(4))
+    comp_image = np.full(len(stats), -1, np.int64)
+    comp_image[lab] = image[plane]
+    group = np.ceil(np.log2(np.maximum(w, 1))).astype(np.int64)
+    group[0] = -1  # the background
+    out = []
+    for g in np.unique(group[1:]).tolist():
+        comps = np.flatnonzero(group == g)
+        start = np.zeros(len(stats), np.int64)
+        start[comps] = np.concatenate([[0], np.cumsum(h[comps] + 1)[:-1]])
+        rows, width = int((h[comps] + 1).sum()), int(w[comps].max())
+        sq = np.zeros((rows, width), np.uint8)
+        mine = group[lab] == g
+        pos = (start[lab[mine]] + r[mine] - top[lab[mine]]) * width + col[mine] - left[lab[mine]]
+        sq.reshape(-1)[pos] = q[plane[mine], pr[mine], pc[mine]]
+        row_image = np.repeat(comp_image[comps], h[comps] + 1)
+        row_image[np.cumsum(h[comps] + 1) - 1] = -1
+        out.append(_Strip(sq, pos[truth[plane[mine], pr[mine], pc[mine]]], row_image))
+    return out
+
+
+def _merge_strips(strips: list[_Strip], rows: int = 4096) -> list[_Strip]:
+    """Strips of one width class (power of 2) put one under the other, up to about ``rows`` rows each."""
+    out = []
+    for g in sorted({int(np.ceil(np.log2(s.q.shape[1]))) for s in strips}):
+        same = [s for s in strips if int(np.ceil(np.log2(s.q.shape[1]))) == g]
+        while same:
+            take, n = [], 0
+            while same and (not take or n + len(same[0].row_image) <= rows):
+                take.append(same.pop(0))
+                n += len(take[-1].row_image)
+            w = max(s.q.shape[1] for s in take)
+            top = np.concatenate([[0], np.cumsum([len(s.row_image) for s in take])[:-1]])
+            truth = [(t + s.truth // s.q.shape[1]) * w + s.truth % s.q.shape[1] for s, t in zip(take, top)]
+            out.append(_Strip(np.concatenate([np.pad(s.q, ((0, 0), (0, w - s.q.shape[1]))) for s in take]),
+                              np.concatenate(truth), np.concatenate([s.row_image for s in take])))  # fmt: skip
+    return out
+
+
 class LevelComponents:
     """Components of any (class, pixel threshold) of a store, labelled on first use and kept in memory.
 
     ``bound``: only components with ``size * s**2 < bound`` are kept (larger ones are never removed by a
     ``min_component <= bound``). ``get(c, pixel)`` -> ``Components``; hard mode memoises by quantised level.
+    ``base`` (per class, a pixel threshold): the first use of a class labels its masks at ``base`` once and
+    keeps every component with its own pixels, packed (``_Strip``); a threshold at or above ``base`` has its
+    components inside those, so it is labelled on the packed strips only (a few percent of the pixels of
+    noisy maps) instead of the planes.
     """
 
     def __init__(
-        self, store: OOFStore, stats: Stats, mode: str, bound: float, workers: int = 1, keep: int = 256
-    ) -> None:
-        self.store, self.stats, self.mode, self.bound, self.workers = (
-            store,
-            stats,
-            mode,
-            float(bound),
-            workers,
-        )
+        self, store: OOFStore, stats: Stats, mode: str, bound: float, workers: int = 1,
+        base: list[float] | None = None, keep: int = 256,
+    ) -> None:  # fmt: skip
+        self.store, self.stats, self.mode, self.workers = store, stats, mode, workers
+        self.bound, self.base = float(bound), base
         self.s2 = store.stride**2
         self.keep = keep  # (class, threshold) entries kept in memory, least recently used dropped first
         self._memo: dict[tuple, Components] = {}
+        self._strips: dict[int, tuple[np.ndarray, list[_Strip]]] = {}  # class -> (base levels, strips)
 
     def levels(self, c: int, pixel: float) -> np.ndarray:
         """Per-image quantised level (N,) of class c (0-based) at a pixel threshold."""
@@ -524,31 +587,61 @@ class LevelComponents:
         self._memo[key] = hit  # most recently used last
         return hit
 
+    def _map(self, fn: Callable, items: list) -> list:
+        if self.workers > 1 and len(items) > 1:
+            with ThreadPoolExecutor(min(self.workers, len(items)), thread_name_prefix="steel-levels") as ex:
+                return list(ex.map(fn, items))
+        return [fn(x) for x in items]
+
+    def _class_strips(self, c: int) -> tuple[np.ndarray, list[_Strip]]:
+        if c not in self._strips:
+            base = self.levels(c, self.base[c])
+            todo = np.flatnonzero(self.stats.ge_all[np.arange(self.stats.n), c, base] > 0)
+
+            def part(idx: np.ndarray) -> list[_Strip]:
+                q = np.ascontiguousarray(self.store.masks[idx, c])
+                t = np.ascontiguousarray(self.store.truth[idx, c]).view(bool)
+                out: list[_Strip] = []
+                label_planes(q, t, base[idx], lambda *b: out.extend(_strips(*b, q, t, idx)))
+                return out
+
+            strips = [
+                s for x in self._map(part, [todo[a : a + 64] for a in range(0, len(todo), 64)]) for s in x
+            ]
+            self._strips[c] = (base, _merge_strips(strips))
+        return self._strips[c]
+
     def _compute(self, c: int, lv: np.ndarray) -> Components:
         rows = np.arange(self.stats.n)
         area = self.stats.ge_all[rows, c, lv].astype(np.int64)
         inter = self.stats.ge_true[rows, c, lv].astype(np.int64)
-        todo = np.flatnonzero(area > 0)
-
-        def part(idx: np.ndarray) -> tuple[np.ndarray, ...]:
-            q = np.ascontiguousarray(self.store.masks[idx, c])
-            t = np.ascontiguousarray(self.store.truth[idx, c]).view(bool)
-            which, size, cint = label_planes(q, t, lv[idx])
-            small = size * self.s2 < self.bound
-            return (
-                idx[which[small]].astype(np.int32),
-                size[small].astype(np.int32),
-                cint[small].astype(np.int32),
-            )
-
-        chunks = [todo[a : a + 64] for a in range(0, len(todo), 64)]
-        if self.workers > 1 and len(chunks) > 1:
-            with ThreadPoolExecutor(min(self.workers, len(chunks)), thread_name_prefix="steel-levels") as ex:
-                parts = list(ex.map(part, chunks))
+        if self.base is not None and np.all(lv >= np.maximum(self.levels(c, self.base[c]), 1)):  # (0 = all)
+            parts = self._map(lambda s: self._label_strip(s, lv), self._class_strips(c)[1])
         else:
-            parts = [part(x) for x in chunks]
+            todo = np.flatnonzero(area > 0)
+
+            def part(idx: np.ndarray) -> tuple[np.ndarray, ...]:
+                q = np.ascontiguousarray(self.store.masks[idx, c])
+                t = np.ascontiguousarray(self.store.truth[idx, c]).view(bool)
+                which, size, cint = label_planes(q, t, lv[idx])
+                return self._small(idx[which], size, cint)
+
+            parts = self._map(part, [todo[a : a + 64] for a in range(0, len(todo), 64)])
         if parts:
             image, size, cint = (np.concatenate(x) for x in zip(*parts))
         else:
             image = size = cint = np.zeros(0, np.int32)
         return Components(area, inter, image, size, cint)
+
+    def _small(self, image: np.ndarray, size: np.ndarray, inter: np.ndarray) -> tuple[np.ndarray, ...]:
+        small = size * self.s2 < self.bound
+        return image[small].astype(np.int32), size[small].astype(np.int32), inter[small].astype(np.int32)
+
+    def _label_strip(self, strip: _Strip, lv: np.ndarray) -> tuple[np.ndarray, ...]:
+        thr = np.where(strip.row_image >= 0, lv[strip.row_image], 256).astype(np.int16)
+        mask = (strip.q >= thr[:, None]).view(np.uint8)
+        nlab, labels, stats = _label(mask)
+        tidx = strip.truth[mask.reshape(-1)[strip.truth] != 0]
+        inter = np.bincount(labels.reshape(-1)[tidx], minlength=nlab)[1:]
+        image = strip.row_image[stats[1:, cv2.CC_STAT_TOP]]
+        return self._small(image, stats[1:, cv2.CC_STAT_AREA].astype(np.int64), inter)

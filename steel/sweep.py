@@ -94,7 +94,8 @@ def main(args: argparse.Namespace) -> int:
     stats, stats_path = load_or_compute_stats(store, *sweep_grids(cfg), cfg["mode"], workers=args.workers)
     t_stats = time.perf_counter() - t0
     comp_high = max(float(d["min_component"].high) for d in cfg["dims"])
-    ev = Evaluator(stats, store, bound=comp_high + 1, workers=args.workers)
+    base = [float(d["pixel"].low) for d in cfg["dims"]]  # TPE's thresholds: labelled on packed components
+    ev = Evaluator(stats, store, bound=comp_high + 1, workers=args.workers, base=base)
     cands = [grid_candidates(stats, c, cfg["dims"][c], ev.folds) for c in range(len(cfg["dims"]))]
     exact = solve(cands, ev.folds, cfg["objective"], float(cfg["robust_k"]))
     exact_best = Params(tuple(c.params(m) for c, m in zip(cands, exact.choice)), cfg["mode"])

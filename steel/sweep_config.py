@@ -28,7 +28,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "objective": "mean",
     "robust_k": 1.0,
     "mode": "hard",
-    "top_k": 5,
+    "top_k": 3,
     "sampler": {"n_startup_trials": 20, "multivariate": True, "n_ei_candidates": 24},
     "space": {
         "label": {"low": 0.3, "high": 0.9, "step": 0.05},

@@ -198,9 +198,10 @@ class Evaluator:
     component removal from its histograms, anything else by labelling on demand (``LevelComponents``)."""
 
     def __init__(
-        self, stats: Stats, store: OOFStore | None = None, bound: float = 0.0, workers: int = 1
-    ) -> None:
-        self.stats, self.store, self.workers = stats, store, workers
+        self, stats: Stats, store: OOFStore | None = None, bound: float = 0.0, workers: int = 1,
+        base: list[float] | None = None,
+    ) -> None:  # fmt: skip
+        self.stats, self.store, self.workers, self.base = stats, store, workers, base
         self.folds = Folds.of(stats.folds)
         self.true_area = stats.true_area
         self._levels: LevelComponents | None = None
@@ -227,7 +228,7 @@ class Evaluator:
             raise ValueError(f"pixel {pixel} / min_component {min_component} are not in the statistics' grid")
         if self._levels is None or self._bound <= min_component:
             self._bound = max(self._bound, float(min_component) + 1.0)
-            self._levels = LevelComponents(self.store, st, mode, self._bound, self.workers)
+            self._levels = LevelComponents(self.store, st, mode, self._bound, self.workers, self.base)
         return self._levels.get(c, pixel).kept(min_component, st.s2)
 
     def class_dice(self, c: int, p: ClassParams, mode: str) -> np.ndarray:

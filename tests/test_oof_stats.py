@@ -11,7 +11,7 @@ import pytest
 
 from steel import oof_stats
 from steel.oof import OOFStore
-from steel.oof_stats import compute_stats, level_index, load_or_compute_stats
+from steel.oof_stats import LevelComponents, compute_stats, level_index, load_or_compute_stats
 from steel.postprocess import ClassParams, Params
 from steel.sweep_config import load_config, sweep_grids
 from steel.sweep_solver import (
@@ -56,7 +56,7 @@ def test_statistics_equal_brute_force(store, mode):
     cfg = load_config(None)
     stats = compute_stats(store, *sweep_grids(cfg), mode, chunk=16, progress=False)
     assert not stats.full_res and stats.kept_area.shape == (4, 9, 7, 64)
-    ev = Evaluator(stats, store, bound=1000)
+    ev = Evaluator(stats, store, bound=1000, base=[0.3] * 4)  # at or above 0.3: labelled on packed components
     rng = np.random.default_rng(0)
     comp_active = area_active = 0
     for _ in range(60):
@@ -70,8 +70,24 @@ def test_statistics_equal_brute_force(store, mode):
     assert comp_active > 20 and area_active > 20  # components and min-area really change the result
     # off the grid: any pixel threshold through the histograms, any component size by labelling on demand
     for p in (Params.uniform(0.4, 0.123, 300, 0, mode), Params.uniform(0.45, 0.777, 0, 0, mode),
-              Params.uniform(0.35, 0.456, 100, 73, mode), Params.uniform(0.5, 0.61, 0, 230, mode)):  # fmt: skip
+              Params.uniform(0.35, 0.456, 100, 73, mode), Params.uniform(0.5, 0.61, 0, 230, mode),
+              Params.uniform(0.5, 0.25, 0, 120, mode)):  # fmt: skip
         assert np.abs(ev.per_pair(p) - brute_force_dice(store, p)).max() <= 1e-9
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft"])
+def test_components_on_packed_strips_equal_labelling_the_planes(store, mode):
+    """A threshold at or above the base is labelled on the base's components cut out and packed: the same
+    components as labelling every plane at that threshold."""
+    stats = compute_stats(store, np.array([0.5]), np.array([0.0]), mode, progress=False)
+    direct = LevelComponents(store, stats, mode, bound=1e9)
+    packed = LevelComponents(store, stats, mode, bound=1e9, workers=2, base=[0.3, 0.32, 0.3, 0.4])
+    for c, pixel in itertools.product(range(4), (0.4, 0.5, 0.577, 0.7, 0.9)):
+        a, b = direct.get(c, pixel), packed.get(c, pixel)
+        for m in (0, 5, 17, 60, 1e9):
+            assert all(np.array_equal(x, y) for x, y in zip(a.kept(m, 4), b.kept(m, 4)))
+        assert sorted(zip(a.image, a.size, a.size_inter)) == sorted(zip(b.image, b.size, b.size_inter))
+    assert set(packed._strips) == {0, 1, 2, 3} and not direct._strips  # the packed path was taken
 
 
 def test_level_index_matches_thresholding():
