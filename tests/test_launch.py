@@ -207,20 +207,26 @@ def launched(tmp_path_factory, synth_dir, folds_csv) -> dict:
     """Real launch of 3 folds on CPU (W&B offline); SIGKILL the launcher mid-run; run it again."""
     run = tmp_path_factory.mktemp("launch") / "run"
     cmd = [sys.executable, "-m", "steel.cli", "launch", "--config", str(TINY), "--run-dir", str(run), "--executor", "local",
-           "--data-dir", str(synth_dir), "--folds-csv", str(folds_csv), "--oof-stride", "1", "--", *FAST]  # fmt: skip
+           "--data-dir", str(synth_dir), "--folds-csv", str(folds_csv), "--oof-stride", "1", "--", *FAST,
+           "--trainer.callbacks+=tests._gate.Gate"]  # fmt: skip
+    gate = run / "gate" / "fold-1"  # fold 1 waits at the start of its epoch 1 (tests/_gate.py)
+    gate.parent.mkdir(parents=True)
+    gate.touch()
     env = dict(os.environ, WANDB_MODE="offline")
     first = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT
     )
     deadline = time.time() + 600
-    while time.time() < deadline and not (run / "fold-1" / "last.ckpt").is_file():
+    while time.time() < deadline and not gate.with_name("fold-1.waiting").exists():
         assert first.poll() is None, first.stdout.read()
         time.sleep(0.5)
+    assert (run / "fold-1" / "last.ckpt").is_file()
     done0, done1 = fold_done(run / "fold-0"), fold_done(run / "fold-1")
     os.kill(first.pid, signal.SIGKILL)
     first.wait()
     time.sleep(2)  # the fold process dies with its parent (PR_SET_PDEATHSIG)
     fold0 = _files(run / "fold-0")
+    gate.unlink()
     second = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     return {"run": run, "done0": done0, "done1": done1, "fold0": fold0, "second": second}
 

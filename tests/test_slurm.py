@@ -26,7 +26,8 @@ TINY = ROOT / "experiments" / "tiny.yaml"
 FIT = ["--trainer.max_epochs", "3", "--trainer.limit_train_batches", "3", "--trainer.check_val_every_n_epoch", "1",
        "--trainer.logger", "false"]  # fmt: skip
 ENV = dict(os.environ, WANDB_MODE="disabled", CUDA_VISIBLE_DEVICES="")
-OFFLINE = dict(ENV, WANDB_MODE="offline")  # W&B offline: the folds' runs and their lineage are checked
+# W&B offline (the folds' runs and their lineage are checked); tests._gate importable in the jobs
+OFFLINE = dict(ENV, WANDB_MODE="offline", PYTHONPATH=str(ROOT))
 
 
 def _no_cluster() -> str | None:
@@ -158,13 +159,23 @@ def test_array_cancel_resume_and_oof(tmp_path, synth_dir, split2, cleanup):
     t0 = time.time()
 
     def go(*args: object) -> subprocess.CompletedProcess:  # W&B offline: each fold logs a train run
-        return launch(run, synth_dir, split2, *args, fit=FIT[:-2], env=OFFLINE)
+        return launch(
+            run,
+            synth_dir,
+            split2,
+            *args,
+            fit=[*FIT[:-2], "--trainer.callbacks+=tests._gate.Gate"],
+            env=OFFLINE,
+        )
 
     # 1. the dry run's file, submitted by hand, trains both folds
     ok(go("--dry-run"))
     sbatch_file = run / "slurm" / "array.sbatch"
     text = sbatch_file.read_text()
     assert "#SBATCH --array=0-1%2" in text and "#SBATCH --cpus-per-task=1" in text
+    gate = run / "gate" / "fold-1"  # fold 1 will wait at the start of its epoch 1 (tests/_gate.py)
+    gate.parent.mkdir()
+    gate.touch()
     proc = subprocess.run(
         ["sbatch", "--parsable", str(sbatch_file)], capture_output=True, text=True, cwd=tmp_path, env=OFFLINE
     )
@@ -179,7 +190,8 @@ def test_array_cancel_resume_and_oof(tmp_path, synth_dir, split2, cleanup):
     # 2. a relaunch while they run is refused
     refused(go(), f"fold 0 is already running as SLURM job {array}_0")
     # 3. cancel fold 1 once it has a resume point; fold 0 finishes
-    wait_for(lambda: (run / "fold-1" / "last.ckpt").is_file(), 300, "fold 1's first last.ckpt", poll=0.2)
+    wait_for(lambda: gate.with_name("fold-1.waiting").exists(), 300, "fold 1 at the gate after its epoch 0")
+    assert (run / "fold-1" / "last.ckpt").is_file() and not (run / "fold-1" / "metrics.json").exists()
     subprocess.run(["scancel", f"{array}_1"], check=True)
     wait_for(lambda: not queued(array), 300, "the array to end")
     t_first = time.time() - t0
@@ -190,6 +202,7 @@ def test_array_cancel_resume_and_oof(tmp_path, synth_dir, split2, cleanup):
     ), status.stdout
     assert summary_states(run) == {"0": "done", "1": "cancelled"}
     # 5. relaunch: fold 1 only, through exactly the file a dry run writes; it resumes from its last.ckpt
+    gate.unlink()
     ok(go("--dry-run"))
     dry = sbatch_file.read_text()
     sub = ok(go())
