@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -113,6 +114,55 @@ def test_failed_fold_is_retried_only_after_progress(tmp_path, monkeypatch, capsy
     folds = [Fold(1, tmp_path / "fold-1")]
     LocalLauncher(folds, "x.yaml", tmp_path, [], [], 1, 1, retries=2, poll=0.05).run(table_every=1e9)
     assert folds[0].state == "failed" and counter.read_text() == "xxx"  # 1 + 2 retries, each made progress
+
+
+def test_slurm_request_checks_against_partitions():
+    """sinfo fields as SLURM prints them -> GPUs, minutes, MB; requests no node can run are refused in one line."""
+    from steel.slurm import Partition, Request, check_request, gres_gpus, parse_mem_mb, parse_minutes
+
+    assert [gres_gpus(g) for g in ("gpu:4", "gpu:a100:4(S:0-1)", "gpu:2,shard:8", "(null)", "shard:8")] == [
+        4,
+        4,
+        2,
+        0,
+        0,
+    ]
+    assert [parse_minutes(t) for t in ("infinite", "30", "30:00", "12:00:00", "1-12:00:00", "0:30")] == [
+        None, 30, 30, 720, 2160, 1]  # fmt: skip
+    assert [parse_mem_mb(m) for m in ("64G", "64GB", "500M", "1T", "2048")] == [
+        65536,
+        65536,
+        500,
+        1048576,
+        2048,
+    ]
+    with pytest.raises(SteelError, match="--mem '64Q': expected e.g. 64G"):
+        parse_mem_mb("64Q")
+    parts = {"cpu": Partition("cpu", True, 4, 32, 128000, 0, "(null)", None),
+             "gpu": Partition("gpu", False, 2, 64, 512000, 8, "gpu:a100:8", 720)}  # fmt: skip
+
+    def req(**kw):
+        base = dict(partition=None, time_min=60, nodes=1, tasks_per_node=1, gpus_per_node=0, cpus_per_task=8,
+                    mem=None, array_parallelism=10, signal_delay_s=120, max_requeues=3, job_name="x")  # fmt: skip
+        return Request(**{**base, **kw})
+
+    assert check_request(req(), parts).name == "cpu"  # the default partition
+    assert (
+        check_request(req(partition="gpu", gpus_per_node=8, tasks_per_node=8, mem="500G"), parts).name
+        == "gpu"
+    )
+    for kw, msg in [
+        (dict(gpus_per_node=1), "partition cpu has no GPUs (sinfo GRES (null))"),
+        (dict(partition="gpu", gpus_per_node=16, tasks_per_node=16), "largest node of partition gpu has 8 GPUs"),
+        (dict(cpus_per_task=40), "--cpus-per-task 40 x 1 task(s) per node = 40 CPUs, but the largest node of partition cpu has 32"),
+        (dict(partition="gpu", gpus_per_node=8, tasks_per_node=8, cpus_per_task=9), "9 x 8 task(s) per node = 72 CPUs"),
+        (dict(mem="200G"), "--mem 200G: the largest node of partition cpu has 128000 MB"),
+        (dict(nodes=5), "--nodes 5: partition cpu has 4 node(s)"),
+        (dict(partition="gpu", time_min=721), "--time 721: partition gpu allows at most 720 minutes"),
+        (dict(partition="tpu"), "--partition tpu: no such partition (sinfo lists cpu, gpu)"),
+    ]:  # fmt: skip
+        with pytest.raises(SteelError, match=re.escape(msg)):
+            check_request(req(**kw), parts)
 
 
 def _launch(*args: object, check: bool = False, timeout: float = 600) -> subprocess.CompletedProcess:
