@@ -34,9 +34,8 @@ from steel.errors import SteelError
 from steel.io import read_json, write_json, write_text
 from steel.rundir import FOLDS_FILE, METRICS_FILE, check_fold, fold_done
 
-LAUNCH_FLAGS: set[str] = (
-    set()
-)  # option strings of `steel launch` (refused after `--`), filled by add_arguments
+# option strings of `steel launch` (refused after `--`), filled by add_arguments
+LAUNCH_FLAGS: set[str] = set()
 
 
 def parse_folds(spec: str | None, n_folds: int) -> list[int]:
@@ -647,6 +646,13 @@ def main(args: argparse.Namespace) -> int:
     folds_csv = args.folds_csv or _override(overrides, "data.folds_csv") or data_cfg.get("folds_csv")
     overrides = _drop(overrides, "data.folds_csv")
     run_dir = Path(args.run_dir or Path("runs") / experiment)
+    if folds_csv is not None or (run_dir / FOLDS_FILE).is_file():  # refused before the run dir is made
+        from steel.folds import load_folds
+
+        parse_folds(args.folds, int(load_folds(folds_csv or run_dir / FOLDS_FILE)["fold"].max()) + 1)
+    gpus = parse_gpus(args.gpus)
+    if gpus and not args.status:
+        check_gpus(gpus)
     split = prepare_run_dir(run_dir, args.config, folds_csv, overrides)
     n_folds = int(split["fold"].max()) + 1
     folds = [Fold(k, run_dir / f"fold-{k}") for k in parse_folds(args.folds, n_folds)]
@@ -664,9 +670,6 @@ def main(args: argparse.Namespace) -> int:
         print(table(folds))
         summarise(run_dir, folds, experiment, "local", log_wandb=False)
         return 0
-    gpus = parse_gpus(args.gpus)
-    if gpus:
-        check_gpus(gpus)
     launcher = LocalLauncher(folds, args.config, run_dir, overrides, gpus, 1 if args.gpus_per_fold is None else args.gpus_per_fold,
                              args.parallel, args.retries, experiment=experiment)  # fmt: skip
     old = signal.signal(signal.SIGTERM, _sigterm)
