@@ -201,8 +201,8 @@ def bench_plain(
     device: str,
     precision: str,
     channels_last: bool = False,
-) -> float:
-    """images/s of a hand-written loop: forward, SteelModule's losses, backward, AdamW step."""
+) -> tuple[float, float]:
+    """(images/s, CPU s per image) of a hand-written loop: forward, SteelModule's losses, backward, AdamW step."""
     from steel.module import SteelModule
 
     torch.manual_seed(0)
@@ -218,7 +218,7 @@ def bench_plain(
         if i == warmup:
             if device == "cuda":
                 torch.cuda.synchronize()
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
         b = to_model(batch, device)
         with torch.autocast(device_type=device, dtype=dtype, enabled=amp):
             out = module.net(b["image"])
@@ -229,7 +229,7 @@ def bench_plain(
         scaler.update()
     if device == "cuda":
         torch.cuda.synchronize()
-    return steps * n / (time.perf_counter() - t)
+    return steps * n / (time.perf_counter() - t), (time.process_time() - cpu) / (steps * n)
 
 
 def bench_lightning(
@@ -240,8 +240,9 @@ def bench_lightning(
     device: str,
     precision: str,
     channels_last: bool = False,
-) -> float:
-    """images/s of pl.Trainer.fit on the same batch (timed from the ``warmup``-th step to the last)."""
+) -> tuple[float, float]:
+    """(images/s, CPU s per image) of pl.Trainer.fit on the same batch (timed from the ``warmup``-th step to
+    the end of training)."""
     import pytorch_lightning as pl
 
     from steel.module import SteelModule
@@ -251,12 +252,12 @@ def bench_lightning(
             if batch_idx == warmup:
                 if device == "cuda":
                     torch.cuda.synchronize()
-                self.t = time.perf_counter()
+                self.t, self.cpu = time.perf_counter(), time.process_time()
 
         def on_train_end(self, trainer, pl_module):
             if device == "cuda":
                 torch.cuda.synchronize()
-            self.elapsed = time.perf_counter() - self.t
+            self.elapsed, self.cpu = time.perf_counter() - self.t, time.process_time() - self.cpu
 
     torch.manual_seed(0)
     fmt = _memory_format(channels_last)
@@ -290,7 +291,8 @@ def bench_lightning(
         callbacks=[clock],
     )
     trainer.fit(module, datamodule=FixedData())
-    return steps * batch["image"].shape[0] / clock.elapsed
+    n = steps * batch["image"].shape[0]
+    return n / clock.elapsed, clock.cpu / n
 
 
 def bench_steps(args: argparse.Namespace, batch: dict, device: str) -> None:
@@ -300,8 +302,11 @@ def bench_steps(args: argparse.Namespace, batch: dict, device: str) -> None:
         f"\n[step] batch {args.batch} x 1x{args.crop[0]}x{args.crop[1]}, {args.precision}, {args.steps} timed steps"
         f" after {args.warmup} warm-up, best of {args.rounds} interleaved rounds"
     )
-    print("| model | channels_last | plain img/s | Lightning img/s | Lightning/plain | GPU peak GiB |")
-    print("|---|---|---|---|---|---|")
+    # on a CPU the process's CPU time per image is a second measure that the machine's other jobs hardly move
+    print(
+        "| model | channels_last | plain img/s | Lightning img/s | Lightning/plain | by CPU time | GPU peak GiB |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for spec in args.models.split(","):
         arch, encoder = spec.split(":")
         model_args = {"arch": arch, "encoder": encoder, "encoder_weights": None}
@@ -310,13 +315,17 @@ def bench_steps(args: argparse.Namespace, batch: dict, device: str) -> None:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             plain = light = 0.0
+            plain_cpu = light_cpu = float("inf")
             for _ in range(args.rounds):  # interleaved, best of rounds: the machine's load drifts
                 run = (model_args, batch, args.steps, args.warmup, device, args.precision, cl)
-                plain = max(plain, bench_plain(*run))
-                light = max(light, bench_lightning(*run))
+                rate, cpu = bench_plain(*run)
+                plain, plain_cpu = max(plain, rate), min(plain_cpu, cpu)
+                rate, cpu = bench_lightning(*run)
+                light, light_cpu = max(light, rate), min(light_cpu, cpu)
             peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+            by_cpu = f"{plain_cpu / light_cpu:.3f}" if device == "cpu" else "-"
             print(
-                f"| {arch}/{encoder} | {'on' if cl else 'off'} | {plain:.1f} | {light:.1f} | {light / plain:.3f} | {peak:.2f} |",
+                f"| {arch}/{encoder} | {'on' if cl else 'off'} | {plain:.1f} | {light:.1f} | {light / plain:.3f} | {by_cpu} | {peak:.2f} |",
                 flush=True,
             )
 
@@ -404,7 +413,7 @@ def main() -> None:
         )
         print(
             f"  CPU ms per image: raw decode {ms_decode:.3f}, loader {ms_loader:.3f} (main + workers);"
-            f" ratio {ms_decode / ms_loader:.3f}"
+            f" ratio {ms_decode / ms_loader if ms_loader > 0 else float('nan'):.3f}"  # clock ticks: 10 ms
         )
 
         batch = make_batch(data_dir, folds, args.batch, args.crop)
