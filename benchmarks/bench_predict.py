@@ -2,7 +2,7 @@
 torch.export .pt2, AOTInductor package, ONNX on onnxruntime; measured in the same run on the same uint8 images.
 
     python benchmarks/bench_predict.py [--n 32] [--height 64] [--width 320] [--batch 8] [--threads N]
-                                       [--variants eager,pt2,aoti,onnx]
+                                       [--variants eager,pt2,aoti,onnx] [--ensembles 1,10x3]
     python benchmarks/bench_predict.py --cuda [--large-n 5506] [--measure-n 256] [--arch Unet] [--encoder resnet34]
                                               [--folds 10] [--tta none,hflip,vflip] [--variants eager,pt2,aoti]
 
@@ -102,10 +102,11 @@ def cpu(args: argparse.Namespace) -> None:
           f"nets {TINY['arch']}/{TINY['encoder']} depth 3 (random weights)")  # fmt: skip
     print("| ensemble | variant | img/s | / eager | export + load s |")
     print("|---|---|---|---|---|")
-    for name, folds, tta in (
-        ("1 member x 1 fold, no TTA", 1, ["none"]),
-        ("10 folds x 3 TTA", 10, ["none", "hflip", "vflip"]),
-    ):
+    ensembles = {
+        "1": ("1 member x 1 fold, no TTA", 1, ["none"]),
+        "10x3": ("10 folds x 3 TTA", 10, ["none", "hflip", "vflip"]),
+    }
+    for name, folds, tta in (ensembles[e] for e in args.ensembles.split(",")):
         with tempfile.TemporaryDirectory() as tmp:
             built = build(folds, tta, TINY["arch"], TINY["encoder"], TINY["arch_kwargs"], (args.height, args.width),
                           "cpu", variants, Path(tmp))  # fmt: skip
@@ -136,6 +137,10 @@ def large(args: argparse.Namespace) -> None:
         f"{args.folds} folds x TTA {','.join(tta)} = {args.folds * len(tta)} forward passes an image, "
         f"batch {args.batch}, fp32, post-processing on"
     )
+    if "aoti" in variants:
+        print(
+            f"(AOTInductor compiles each of the {args.folds * len(tta)} net calls: minutes; its row comes last)"
+        )
     print("| variant | img/s | projected s for", args.large_n, "images | export + load s |")
     print("|---|---|---|---|", flush=True)
     # one variant at a time, each row printed as soon as it is known (an AOTInductor compile may be cut off)
@@ -170,6 +175,7 @@ def main() -> None:
     p.add_argument("--encoder", default="resnet34")
     p.add_argument("--folds", type=int, default=10)
     p.add_argument("--tta", default="none,hflip,vflip")
+    p.add_argument("--ensembles", default="1,10x3", help="CPU: which ensembles (1, 10x3)")
     p.add_argument(
         "--variants",
         default=None,
