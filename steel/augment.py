@@ -86,6 +86,16 @@ def _as_array(masks: Masks) -> np.ndarray:
     return masks.decode() if isinstance(masks, RunMasks) else masks
 
 
+# 9th place: a crop is "black" (off the strip, beyond its edge) when more than 85 % of its pixels are below 10
+# or its mean is below 15; such a crop moves to the end of the image that shows steel
+DARK_LEVEL, DARK_SHARE, DARK_MEAN = 10, 0.85, 15.0
+
+
+def mostly_black(window: np.ndarray) -> bool:
+    """True when a grey uint8 window (h, w) is mostly the black margin beyond the steel strip's edge."""
+    return bool((window < DARK_LEVEL).mean() > DARK_SHARE or window.mean() < DARK_MEAN)
+
+
 def _defect_pixel(masks: Masks, rng: np.random.Generator) -> tuple[int, int] | None:
     """(y, x) of a random pixel of a random present class; None when the masks are empty."""
     if isinstance(masks, RunMasks):
@@ -105,12 +115,13 @@ class DefectAwareCrop:
     """Random (height, width) window of image (H, W) and masks (C, H, W); with probability ``defect_p`` (and
     when the masks have pixels) the window contains a random defect pixel. The image comes back as a view, the
     masks decoded for the window only (RunMasks) or as a view; inputs smaller than the window are
-    reflect-padded first."""
+    reflect-padded first. ``avoid_black``: a random (not defect) window that is ``mostly_black`` moves to the
+    left or right end of the image, whichever is not (a random one if both are not, else the right end)."""
 
-    def __init__(self, height: int, width: int, defect_p: float = 0.0) -> None:
+    def __init__(self, height: int, width: int, defect_p: float = 0.0, avoid_black: bool = False) -> None:
         if not 0.0 <= defect_p <= 1.0:
             raise SteelError(f"defect_crop_p {defect_p}: must be in [0, 1]")
-        self.h, self.w, self.defect_p = height, width, defect_p
+        self.h, self.w, self.defect_p, self.avoid_black = height, width, defect_p, avoid_black
 
     def __call__(
         self, image: np.ndarray, masks: Masks, rng: np.random.Generator | None = None
@@ -123,11 +134,16 @@ class DefectAwareCrop:
             masks = np.pad(_as_array(masks), ((0, 0), (0, ph), (0, pw)), mode="reflect")
             H, W = image.shape[:2]
         y0, x0 = int(rng.integers(H - self.h + 1)), int(rng.integers(W - self.w + 1))
+        pixel = None
         if self.defect_p > 0 and rng.random() < self.defect_p:
             pixel = _defect_pixel(masks, rng)
             if pixel is not None:  # window start so that the pixel falls at a random place inside it
                 y0 = int(np.clip(pixel[0] - rng.integers(self.h), 0, H - self.h))
                 x0 = int(np.clip(pixel[1] - rng.integers(self.w), 0, W - self.w))
+        rows = slice(y0, y0 + self.h)
+        if self.avoid_black and pixel is None and mostly_black(image[rows, x0 : x0 + self.w]):
+            ends = [x for x in (0, W - self.w) if not mostly_black(image[rows, x : x + self.w])]
+            x0 = int(rng.choice(ends)) if ends else W - self.w
         image = image[y0 : y0 + self.h, x0 : x0 + self.w]
         if isinstance(masks, RunMasks):
             return image, masks.window(y0, x0, self.h, self.w)
@@ -136,9 +152,10 @@ class DefectAwareCrop:
 
 class TrainTransform:
     """The training pipeline on image uint8 (H, W) and masks (C, H, W) (array or RunMasks):
-    resize (optional) -> crop (optional, defect-aware with prob ``defect_crop_p``) -> defect blackout (prob
-    ``blackout_p``) -> the named albumentations list, which sees only the masks that have pixels (an empty mask
-    stays empty under every transform here). Cropping first keeps every copy crop-sized.
+    resize (optional) -> crop (optional, defect-aware with prob ``defect_crop_p``, off the black margin with
+    ``avoid_black``) -> defect blackout (prob ``blackout_p``) -> the named albumentations list, which sees only
+    the masks that have pixels (an empty mask stays empty under every transform here). Cropping first keeps
+    every copy crop-sized.
     Returns contiguous (image uint8 (h, w), masks uint8 (C, h, w))."""
 
     def __init__(
@@ -148,6 +165,7 @@ class TrainTransform:
         resize: list[int] | tuple[int, int] | None = None,
         defect_crop_p: float = 0.0,
         blackout_p: float = 0.0,
+        avoid_black: bool = False,
     ) -> None:
         if augment not in AUGMENTS:
             raise SteelError(f"augment {augment!r}: choose one of {', '.join(AUGMENTS)}")
@@ -155,7 +173,7 @@ class TrainTransform:
             raise SteelError(f"defect_crop_p {defect_crop_p}: must be in [0, 1]")
         crop, resize = _size(crop, "train_crop"), _size(resize, "train_resize")
         self.resize = resize
-        self.crop = DefectAwareCrop(*crop, defect_p=defect_crop_p) if crop is not None else None
+        self.crop = DefectAwareCrop(*crop, defect_crop_p, avoid_black) if crop is not None else None
         self.blackout = DefectBlackout(blackout_p) if blackout_p > 0 else None
         self.augs = A.Compose(AUGMENTS[augment]())
         self._seed: int | None = None
@@ -199,9 +217,10 @@ def build_train_transform(
     resize: list[int] | tuple[int, int] | None = None,
     defect_crop_p: float = 0.0,
     blackout_p: float = 0.0,
+    avoid_black: bool = False,
 ) -> TrainTransform:
     """The training pipeline (``TrainTransform``); crop and resize sizes must be multiples of 32."""
-    return TrainTransform(augment, crop, resize, defect_crop_p, blackout_p)
+    return TrainTransform(augment, crop, resize, defect_crop_p, blackout_p, avoid_black)
 
 
 class DefectBlackout:

@@ -212,6 +212,8 @@ class SteelDataModule(pl.LightningDataModule):
         augment: pipeline name (none, light, medium, heavy).
         defect_crop_p: probability that a training crop is centred to contain defect pixels.
         blackout_p: probability of the defect blackout (one class's region filled with background, label dropped).
+        avoid_black_crop: a random training crop that is mostly the black margin beyond the strip's edge moves to
+            the end of the image that shows steel (9th place; ``steel.augment.mostly_black``).
         sampler: random | balanced | negatives (all defect images + ``negatives_fraction`` of defect-free ones).
         predict_dir: images for ``steel predict --config`` (default data_dir/test_images).
         pseudo_dir: a ``steel pseudo`` output dir; its images join the training epochs of every fold, never
@@ -232,6 +234,7 @@ class SteelDataModule(pl.LightningDataModule):
         augment: Literal["none", "light", "medium", "heavy"] = "light",
         defect_crop_p: float = 0.0,
         blackout_p: float = 0.0,
+        avoid_black_crop: bool = False,
         sampler: Literal["random", "balanced", "negatives"] = "random",
         negatives_fraction: float = 0.5,
         pin_memory: bool = True,
@@ -249,7 +252,7 @@ class SteelDataModule(pl.LightningDataModule):
         if batch_size < 1:
             raise SteelError(f"batch_size {batch_size}: must be at least 1")
         self.train_transform = build_train_transform(
-            augment, self.train_crop, self.train_resize, defect_crop_p, blackout_p
+            augment, self.train_crop, self.train_resize, defect_crop_p, blackout_p, avoid_black_crop
         )
         if sampler == "negatives" and not 0.0 <= negatives_fraction <= 1.0:
             raise SteelError(f"negatives_fraction {negatives_fraction}: must be in [0, 1]")

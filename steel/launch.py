@@ -7,6 +7,8 @@ last.ckpt (an attempt that wrote none would fail the same way again), and the ca
 Before anything runs, a fold whose checkpoints were trained on another split is refused
 (``steel.rundir.check_fold``), as are launch options written after ``--``. When every fold of the split is done
 the OOF store is built (``steel oof``); ``RUN_DIR/summary.json`` holds each fold's true state.
+A stage (``--init-from EARLIER_RUN``, or ``init_from`` in the recipe) starts fold K from fold K of the earlier
+run; an earlier run on another split, or an unfinished earlier fold, is refused first (``steel.stages``).
 """
 
 from __future__ import annotations
@@ -603,6 +605,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add(p, "--status", action="store_true", help="print each fold's state, write summary.json, start nothing")
     add(p, "--no-oof", action="store_true", help="do not build the OOF store when every fold is done")
     add(p, "--oof-stride", type=int, default=None, help="stride of the OOF store (default: steel oof's)")
+    add(p, "--init-from", default=None,
+        help="earlier run dir: fold K starts from its fold K (same split; default: init_from of the config)")  # fmt: skip
+    add(p, "--init-part", choices=["full", "encoder"], default=None,
+        help="what --init-from copies (default: init_part of the config, else full)")  # fmt: skip
     g = p.add_argument_group("slurm")
     add(g, "--partition", default=None, help="default: the cluster's default partition")
     add(g, "--time", type=int, default=24 * 60, help="minutes per task (a requeued task gets them again)")
@@ -645,6 +651,12 @@ def main(args: argparse.Namespace) -> int:
         overrides = [*overrides, "--data.data_dir", str(data_dir)]
     folds_csv = args.folds_csv or _override(overrides, "data.folds_csv") or data_cfg.get("folds_csv")
     overrides = _drop(overrides, "data.folds_csv")
+    if args.init_from:
+        overrides = [*_drop(overrides, "init_from"), "--init_from", str(args.init_from)]
+    if args.init_part:
+        overrides = [*_drop(overrides, "init_part"), "--init_part", args.init_part]
+    init_from = _override(overrides, "init_from") or cfg.get("init_from")
+    init_from = None if str(init_from).lower() in ("", "null", "none") else init_from
     run_dir = Path(args.run_dir or Path("runs") / experiment)
     if folds_csv is not None or (run_dir / FOLDS_FILE).is_file():  # refused before the run dir is made
         from steel.folds import load_folds
@@ -657,6 +669,12 @@ def main(args: argparse.Namespace) -> int:
     n_folds = int(split["fold"].max()) + 1
     folds = [Fold(k, run_dir / f"fold-{k}") for k in parse_folds(args.folds, n_folds)]
     refuse_other_split(folds, run_dir)
+    if not args.status:
+        from steel.stages import check_lineage, check_stage
+
+        if init_from:
+            check_stage(init_from, run_dir, [f.k for f in folds])
+        check_lineage(run_dir, [f.k for f in folds], init_from)
     for f in folds:
         if fold_done(f.dir):
             f.state, f.info = "done", read_json(f.dir / METRICS_FILE)

@@ -50,7 +50,17 @@ class LovaszHinge(nn.Module):
         return self.loss(logits.transpose(0, 1).reshape(c, -1), target.transpose(0, 1).reshape(c, -1))
 
 
+def _smooth(value: float | None, where: str) -> float | None:
+    """Label smoothing factor s (targets 0/1 -> s / 1 - s); SteelError unless 0 <= s < 0.5."""
+    if value is not None and not 0.0 <= float(value) < 0.5:
+        raise SteelError(
+            f"{where} smooth_factor {value}: must be in [0, 0.5) (targets 0/1 become s and 1 - s)"
+        )
+    return None if value is None else float(value)
+
+
 def _bce(pos_weight: float | Sequence[float] | None = None, smooth_factor: float | None = None) -> nn.Module:
+    smooth_factor = _smooth(smooth_factor, "seg_loss")
     return smp_losses.SoftBCEWithLogitsLoss(
         pos_weight=_pos_weight(pos_weight, 2), smooth_factor=smooth_factor, ignore_index=None
     )
@@ -134,14 +144,17 @@ def build_seg_loss(config: dict[str, Any] | str | None = None) -> WeightedLoss:
 
 
 class ClsLoss(nn.Module):
-    """Label-head BCE with optional per-class pos_weight: logits (B, C), labels (B, C) -> scalar."""
+    """Label-head BCE with optional per-class pos_weight and label smoothing (``smooth_factor`` s: the targets
+    0/1 become s/1 - s, 7th place): logits (B, C), labels (B, C) -> scalar."""
 
     def __init__(
         self, pos_weight: float | Sequence[float] | None = None, smooth_factor: float | None = None
     ) -> None:
         super().__init__()
         self.loss = smp_losses.SoftBCEWithLogitsLoss(
-            pos_weight=_pos_weight(pos_weight, 0), smooth_factor=smooth_factor, ignore_index=None
+            pos_weight=_pos_weight(pos_weight, 0),
+            smooth_factor=_smooth(smooth_factor, "cls_loss"),
+            ignore_index=None,
         )
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@
 Input contract (every caller): x float (B, 1, H, W) in [0, 1] (grey image / 255), H and W multiples of 32.
 Normalisation (ImageNet statistics, grey = mean of the three channels) happens inside as buffers; with
 ``in_channels=3`` the grey channel is repeated inside. Output: {"mask": logits (B, 4, H, W), "label": logits (B, 4)}.
-Trace with ``torch.jit.trace(net, x, strict=False)`` (the output is a dict). Resizing/padding native images to
+``steel export`` puts it in one torch.export program (the dict output is fine there). Resizing/padding native images to
 the net's input size, TTA and the probabilities at native size: ``steel.ensemble``.
 """
 
@@ -46,7 +46,8 @@ class TwoHeadNet(nn.Module):
         classes: number of defect classes (4).
         dropout: dropout of the classification head.
         pooling: "avg" or "max" pooling of the classification head.
-        arch_kwargs: extra keyword arguments of the smp architecture (decoder_channels, ...).
+        arch_kwargs: extra keyword arguments of the smp architecture (decoder_channels, ...; Unet and UnetPlusPlus
+            take ``decoder_attention_type: scse``, spatial + channel squeeze-excitation in every decoder block).
         mask_prior: if set, the mask head's bias starts at logit(mask_prior) (e.g. 0.01) so that training does
             not begin by predicting defects everywhere (the focal-loss paper's prior initialisation).
     """
@@ -77,7 +78,7 @@ class TwoHeadNet(nn.Module):
                 aux_params=aux,
                 **(arch_kwargs or {}),
             )
-        except (KeyError, ValueError, RuntimeError) as e:
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:  # TypeError: an option the arch lacks
             msg = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise SteelError(f"cannot build {arch} with encoder {encoder!r}: {msg}") from None
         if mask_prior is not None:

@@ -54,8 +54,15 @@ class SteelModule(pl.LightningModule):
         arch, encoder, encoder_weights, in_channels, dropout, pooling, arch_kwargs, mask_prior: see
             ``steel.model.TwoHeadNet`` (pooling "max" suits small defects in the label head).
         seg_loss: mask loss config, e.g. {name: bce_dice, bce_weight: 0.75, dice_weight: 0.25, pos_weight: [2, 2, 1, 1.5]}.
-        cls_loss: label loss config, e.g. {name: bce, pos_weight: null}.
+        cls_loss: label loss config, e.g. {name: bce, pos_weight: null, smooth_factor: 0.05} (label smoothing:
+            targets 0/1 become 0.05/0.95, 7th place).
         cls_loss_weight: weight of the label loss in the total (0 = segmentation only).
+        seg_loss_weight: weight of the mask loss in the total (0 = classification only: a multilabel classifier
+            whose encoder can start segmentation runs, ``steel fit --init_from RUN --init_part encoder``).
+        mixup_alpha: mixup of training batches (7th place): with probability ``mixup_p`` a batch's images are
+            mixed with a shuffled copy, x = lam x + (1 - lam) x[perm], lam ~ Beta(alpha, alpha), and the loss is
+            lam L(masks, labels) + (1 - lam) L(masks[perm], labels[perm]) (for BCE exactly the loss of the mixed
+            masks and labels). 0 = off.
         optimizer: sgd (momentum, nesterov) | adam | adamw | radam.
         scheduler: none | cosine (per step, optional warmup_epochs) | warmup (linear warmup then constant) |
             warmup_cosine | plateau (ReduceLROnPlateau on val/dice).
@@ -77,6 +84,9 @@ class SteelModule(pl.LightningModule):
         seg_loss: dict[str, Any] | None = None,
         cls_loss: dict[str, Any] | None = None,
         cls_loss_weight: float = 0.2,
+        seg_loss_weight: float = 1.0,
+        mixup_alpha: float = 0.0,
+        mixup_p: float = 0.5,
         optimizer: Literal["sgd", "adam", "adamw", "radam"] = "adamw",
         lr: float = 3e-4,
         weight_decay: float = 1e-4,
@@ -101,8 +111,14 @@ class SteelModule(pl.LightningModule):
         gating_params(
             gating, pixel_threshold, label_threshold
         )  # SteelError for a bad rule, now not at validation
+        if mixup_alpha < 0 or not 0.0 <= mixup_p <= 1.0:
+            raise SteelError(f"mixup_alpha {mixup_alpha}, mixup_p {mixup_p}: need alpha >= 0 and p in [0, 1]")
+        if seg_loss_weight < 0 or cls_loss_weight < 0 or seg_loss_weight + cls_loss_weight == 0:
+            raise SteelError(
+                f"seg_loss_weight {seg_loss_weight}, cls_loss_weight {cls_loss_weight}: need >= 0, not both 0"
+            )
         self.net = TwoHeadNet(
-            arch, encoder, encoder_weights, in_channels, N_CLASSES, dropout, arch_kwargs=arch_kwargs
+            arch, encoder, encoder_weights, in_channels, N_CLASSES, dropout, pooling, arch_kwargs, mask_prior
         )
         self.seg_loss = build_seg_loss(seg_loss)
         self.cls_loss = build_cls_loss(cls_loss)
@@ -177,12 +193,29 @@ class SteelModule(pl.LightningModule):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         seg, parts = self.seg_loss(out["mask"], batch["mask"])
         cls = self.cls_loss(out["label"], batch["label"])
-        total = seg + self.hparams.cls_loss_weight * cls
+        total = self.hparams.seg_loss_weight * seg + self.hparams.cls_loss_weight * cls
         return total, {"seg_loss": seg, "cls_loss": cls, **{f"{k}_loss": v for k, v in parts.items()}}
 
+    def mixed_losses(
+        self, batch: dict, lam: float, perm: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Mixup step: the net on lam x + (1 - lam) x[perm] (x (B, 1, H, W)), losses lam L(batch) +
+        (1 - lam) L(batch[perm]) -> (total, parts) like ``_losses``."""
+        x = batch["image"]
+        out = self.net(x.mul(lam).add_(x[perm], alpha=1.0 - lam))
+        a, parts_a = self._losses(out, batch)
+        b, parts_b = self._losses(out, {"mask": batch["mask"][perm], "label": batch["label"][perm]})
+        parts = {k: lam * v + (1.0 - lam) * parts_b[k] for k, v in parts_a.items()}
+        return lam * a + (1.0 - lam) * b, parts
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        out = self.net(batch["image"])
-        loss, parts = self._losses(out, batch)
+        hp = self.hparams
+        if hp.mixup_alpha > 0 and float(torch.rand(())) < hp.mixup_p:
+            lam = float(torch.distributions.Beta(hp.mixup_alpha, hp.mixup_alpha).sample())
+            perm = torch.randperm(batch["image"].shape[0], device=batch["image"].device)
+            loss, parts = self.mixed_losses(batch, lam, perm)
+        else:
+            loss, parts = self._losses(self.net(batch["image"]), batch)
         bs = batch["image"].shape[0]
         self.log(
             "train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=bs, sync_dist=True

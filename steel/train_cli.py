@@ -12,6 +12,11 @@ The last training epoch is always validated (whatever ``check_val_every_n_epoch`
 leaves best.ckpt, last.ckpt and metrics.json (``steel.rundir.fold_done``). Every checkpoint records the fold
 and the split hash of its folds CSV (``SteelModule.on_save_checkpoint``); resuming a checkpoint of another
 split is refused.
+
+Stages (``steel.stages``): ``--init_from CKPT_OR_RUN_DIR`` starts the fit from the weights (``--init_part full``
+or ``encoder``) of the same fold of an earlier run, refused for another fold or split; optimiser, scheduler and
+epochs start fresh. ``--monitor val/cls_auc`` picks best.ckpt by the label head's AUC (a classification-only
+run, ``model.seg_loss_weight 0``); metrics.json then also says ``monitor`` and ``best_score``.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import importlib.util
 import math
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytorch_lightning as pl
 import torch
@@ -36,6 +41,7 @@ from steel.errors import SteelError
 from steel.io import atomic_path, write_json, write_text
 from steel.module import SteelModule
 from steel.rundir import METRICS_FILE, SPLIT_KEY, fold_done, split_of
+from steel.stages import INIT_PARTS, check_init, init_checkpoint, load_init
 
 
 # ---- run directory callbacks ----------------------------------------------------------------------------
@@ -80,12 +86,14 @@ class ValidateLastEpoch(Callback):
 class RunFiles(Callback):
     """Writes progress.json after each fit validation and metrics.json at the end of fit (global rank 0)."""
 
-    def __init__(self, run_dir: str | Path, fold: int) -> None:
-        self.run_dir, self.fold = Path(run_dir), fold
-        self.best: float | None = None
+    def __init__(self, run_dir: str | Path, fold: int, monitor: str = "val/dice") -> None:
+        self.run_dir, self.fold, self.monitor = Path(run_dir), fold, monitor
+        self.best: float | None = None  # val/dice of the best epoch (by ``monitor``)
+        self.best_score: float | None = None  # its ``monitor`` value
         self.best_epoch = -1
         self.best_per_class: list[float] | None = None
         self.split: dict[str, Any] | None = None
+        self.init: dict[str, Any] | None = None  # {"init_from": checkpoint, "init_part": part} of a stage
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
@@ -106,12 +114,13 @@ class RunFiles(Callback):
             )
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit" or "val/dice" not in trainer.callback_metrics:
-            return
         m = trainer.callback_metrics
-        dice = float(m["val/dice"])
-        if self.best is None or dice > self.best:
-            self.best, self.best_epoch = dice, trainer.current_epoch
+        if trainer.sanity_checking or trainer.state.fn != "fit" or not {"val/dice", self.monitor} <= set(m):
+            return
+        dice, score = float(m["val/dice"]), float(m[self.monitor])
+        score = score if math.isfinite(score) else -math.inf
+        if self.best_score is None or score > self.best_score:
+            self.best, self.best_score, self.best_epoch = dice, score, trainer.current_epoch
             self.best_per_class = [float(m[f"val/dice_{c}"]) for c in range(1, N_CLASSES + 1)]
         if trainer.is_global_zero:
             progress = {
@@ -132,6 +141,10 @@ class RunFiles(Callback):
             "best_epoch": self.best_epoch,
             "val_dice_per_class": self.best_per_class,
             "wandb_run_id": run_id,
+            **(
+                {"monitor": self.monitor, "best_score": self.best_score} if self.monitor != "val/dice" else {}
+            ),
+            **(self.init or {}),
         }
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -139,7 +152,8 @@ class RunFiles(Callback):
             write_json(self.run_dir / METRICS_FILE, self.metrics(trainer))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"best": self.best, "best_epoch": self.best_epoch, "best_per_class": self.best_per_class}
+        return {"best": self.best, "best_score": self.best_score, "best_epoch": self.best_epoch,
+                "best_per_class": self.best_per_class}  # fmt: skip
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best, self.best_epoch, self.best_per_class = (
@@ -147,6 +161,7 @@ class RunFiles(Callback):
             state_dict["best_epoch"],
             state_dict["best_per_class"],
         )
+        self.best_score = state_dict.get("best_score", self.best)  # checkpoints before --monitor: val/dice
 
 
 class SaveRunConfig(SaveConfigCallback):
@@ -192,6 +207,25 @@ class SteelCLI(LightningCLI):
             type=bool,
             default=False,
             help="validate swa.ckpt and copy it to best.ckpt if its val/dice is higher",
+        )
+        parser.add_argument(
+            "--init_from",
+            type=str | None,
+            default=None,
+            help="start from the weights of this checkpoint, or of fold-<data.fold>/best.ckpt of this earlier run "
+            "dir (same fold of the same split, else refused); fresh optimiser, scheduler and epochs",
+        )
+        parser.add_argument(
+            "--init_part",
+            type=Literal["full", "encoder"],
+            default="full",
+            help=f"what --init_from copies: {' or '.join(INIT_PARTS)} (e.g. a classifier run's encoder)",
+        )
+        parser.add_argument(
+            "--monitor",
+            type=Literal["val/dice", "val/cls_auc"],
+            default="val/dice",
+            help="metric that best.ckpt maximises (val/cls_auc for a classification-only run)",
         )
         parser.link_arguments("data.val_size", "model.input_size")
         parser.set_defaults(
@@ -252,7 +286,7 @@ class SteelCLI(LightningCLI):
             self.topk_checkpoint = TopKCheckpoint(
                 dirpath=run_dir / "topk",
                 filename="epoch{epoch:03d}",
-                monitor="val/dice",
+                monitor=cfg.monitor,
                 mode="max",
                 save_top_k=cfg.average_top_k,
                 auto_insert_metric_name=False,
@@ -263,7 +297,7 @@ class SteelCLI(LightningCLI):
         best = ModelCheckpoint(
             dirpath=run_dir,
             filename="best",
-            monitor="val/dice",
+            monitor=cfg.monitor,
             mode="max",
             save_top_k=1,
             save_on_train_epoch_end=False,
@@ -281,11 +315,26 @@ class SteelCLI(LightningCLI):
             enable_version_counter=False,
         )
         callbacks += [best, last, ValidateLastEpoch()]
-        self.run_files = RunFiles(run_dir, cfg.data.fold)
+        self.run_files = RunFiles(run_dir, cfg.data.fold, cfg.monitor)
         callbacks.append(self.run_files)
         return super().instantiate_trainer(callbacks=callbacks, **kwargs)
 
-    # -- after the trainer methods
+    # -- around the trainer methods
+    def before_fit(self) -> None:
+        """``--init_from``: the fold's weights of the earlier stage, checked against this fold and split."""
+        cfg = self.config.fit
+        if not cfg.init_from:
+            return
+        from steel.folds import split_hash
+
+        hp = self.datamodule.hparams
+        ckpt = init_checkpoint(cfg.init_from, int(hp.fold))
+        check_init(ckpt, int(hp.fold), split_hash(hp.folds_csv))
+        n = load_init(self.model, ckpt, cfg.init_part)
+        self.run_files.init = {"init_from": str(ckpt), "init_part": cfg.init_part}
+        if self.trainer.is_global_zero:
+            print(f"init_from: {n} {cfg.init_part} tensors from {ckpt} (fold {hp.fold})", flush=True)
+
     def after_fit(self) -> None:
         trainer, run_dir = self.trainer, Path(self.config.fit.run_dir)
         if trainer.is_global_zero and not trainer.fast_dev_run and not fold_done(run_dir):
@@ -308,16 +357,18 @@ class SteelCLI(LightningCLI):
         result = trainer.validate(
             self.model, datamodule=self.datamodule, ckpt_path=str(run_dir / "swa.ckpt"), verbose=False
         )
-        swa_dice = float(result[0]["val/dice"])
+        swa_dice, swa_score = float(result[0]["val/dice"]), float(result[0][self.config.fit.monitor])
         if trainer.is_global_zero:
             metrics = self.run_files.metrics(trainer)
             metrics.update({"swa_val_dice": swa_dice, "swa_members": len(paths), "best_source": "epoch"})
-            if metrics["best_val_dice"] is None or swa_dice > metrics["best_val_dice"]:
+            best_score = self.run_files.best_score
+            if best_score is None or swa_score > best_score:
                 with atomic_path(best, ".ckpt") as tmp:
                     shutil.copyfile(run_dir / "swa.ckpt", tmp)
                 metrics.update(
                     {
                         "best_val_dice": swa_dice,
+                        **({"best_score": swa_score} if "best_score" in metrics else {}),
                         "best_source": "swa",
                         "val_dice_per_class": [
                             float(trainer.callback_metrics[f"val/dice_{c}"]) for c in range(1, N_CLASSES + 1)

@@ -16,7 +16,7 @@ import yaml
 from steel.augment import AUGMENTS
 from steel.losses import SEG_LOSSES
 from tests.conftest import steel_in_process
-from tests.conftest_training import EXPERIMENTS, TINY, TINY_PLUMBING, Probe, fit, wandb_records
+from tests.conftest_training import EXPERIMENTS, LEARN_SHAPE, TINY, TINY_PLUMBING, Probe, fit, wandb_records
 
 pytest_plugins = ["tests.conftest_training"]
 
@@ -77,6 +77,8 @@ def test_recipe_trains(config: Path, small_synth: tuple[Path, Path], tmp_path: P
     shrunk = [
         a for key, size in SHRUNK.items() if data_cfg.get(key) for a in (f"--data.{key}", json.dumps(size))
     ]
+    # a stage recipe's earlier run (init_from) is not there: its weights start fresh (tests/test_stages.py)
+    stage = ["--init_from", "null"] if recipe.get("init_from") else []
     run = fit(
         config, *small_synth, tmp_path / "fold-0",
         "--trainer.accelerator", "cpu", "--trainer.devices", 1, "--trainer.precision", "32-true",
@@ -84,7 +86,7 @@ def test_recipe_trains(config: Path, small_synth: tuple[Path, Path], tmp_path: P
         "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
         "--trainer.callbacks+=tests.conftest_training.Probe",
         "--model.encoder", TINY_ENCODER, "--data.batch_size", 4, "--data.val_batch_size", 4,
-        "--data.num_workers", 0, "--data.pin_memory", "false", *shrunk,
+        "--data.num_workers", 0, "--data.pin_memory", "false", *shrunk, *stage,
     )  # fmt: skip
     seen = Probe.seen
     optimizers = {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "radam": "RAdam"}
@@ -93,7 +95,7 @@ def test_recipe_trains(config: Path, small_synth: tuple[Path, Path], tmp_path: P
     samplers = {"random": "RandomSampler", "balanced": "BalancedSampler", "negatives": "NegativesSampler"}
     assert seen["sampler"] == samplers[data_cfg.get("sampler", "random")]
     assert seen["augs"] == [type(t).__name__ for t in AUGMENTS[data_cfg.get("augment", "light")]()]
-    h, w = SHRUNK["train_crop"] if data_cfg.get("train_crop") else SHRUNK["train_resize"]
+    h, w = next((SHRUNK[k] for k in ("train_crop", "train_resize") if data_cfg.get(k)), LEARN_SHAPE)
     assert len(seen["batches"]) == 2
     for image_shape, dtype, mask_shape, loss in seen["batches"]:
         assert image_shape == (4, 1, h, w) and dtype == torch.float32 and mask_shape == (4, 4, h, w)
