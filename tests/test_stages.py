@@ -349,3 +349,14 @@ def test_black_margin_crops_on_synthetic_images(small_synth: tuple[Path, Path]) 
         dm.train_set.transform.crop.avoid_black = avoid
         crops = [dm.train_set[i]["image"][0].numpy() for _ in range(5) for i in range(len(dm.train_set))]
         assert any(mostly_black(c) for c in crops) != avoid, avoid
+
+
+def test_module_builds_the_net_it_is_told() -> None:
+    """pooling and mask_prior of SteelModule reach the net (the tiny recipe's max pooling, a mask prior)."""
+    from steel.module import SteelModule
+
+    model = SteelModule(encoder=TINY_ENCODER, pooling="max", mask_prior=0.01)
+    pools = [type(m).__name__ for m in model.net.net.classification_head.modules()]
+    assert "AdaptiveMaxPool2d" in pools and "AdaptiveAvgPool2d" not in pools
+    head = model.net.net.segmentation_head[0]
+    torch.testing.assert_close(torch.sigmoid(head.bias), torch.full_like(head.bias, 0.01))
