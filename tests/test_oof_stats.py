@@ -217,3 +217,26 @@ def test_full_resolution_statistics_exact_without_component_removal(stride_pair)
         p = Params(tuple(ClassParams(float(rng.choice([0.3, 0.5, 0.7])), float(rng.choice([0.35, 0.5, 0.65])),
                                      int(rng.integers(0, 6)) * 100, 0) for _ in range(4)))  # fmt: skip
         assert np.abs(ev.per_pair(p) - brute_force_dice(full, p)).max() <= 1e-9
+
+
+def test_steel_oof_at_stride_2_keeps_full_resolution_histograms(tmp_path, synth_dir, folds_csv):
+    """`steel oof --stride 2` (build_oof) hands the writer full-resolution maps: the store's hist.npy equals the
+    level histograms of the same run's stride-1 store, and the sweep's statistics use them."""
+    import torch
+
+    from steel.oof import build_oof, level_histograms
+    from tests._ensemble import make_run
+
+    torch.set_num_threads(1)
+    run = make_run(tmp_path, "run", synth_dir, folds_csv, seed=3, oof=False)
+    full = OOFStore(build_oof(run, stride=1, batch_size=20, device="cpu"))
+    expect = np.stack(
+        [
+            level_histograms(np.asarray(full.masks[i]), np.asarray(full.truth[i]) != 0)
+            for i in range(len(full))
+        ]
+    )
+    strided = OOFStore(build_oof(run, stride=2, batch_size=20, device="cpu"))
+    assert strided.stride == 2 and strided.full_hist is not None
+    assert np.array_equal(np.asarray(strided.full_hist), expect)
+    assert compute_stats(strided, np.array([0.5]), np.array([0.0]), progress=False).full_res
