@@ -46,7 +46,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--config", default=None, help="sweep config YAML (default: built-in = sweeps/default.yaml)"
     )
-    p.add_argument("--search", choices=SEARCHES, default=None, help="exact grid search (default) or tpe")
+    p.add_argument(
+        "--search",
+        choices=SEARCHES,
+        default=None,
+        help="exact grid search or tpe (default: the config's, exact)",
+    )
     p.add_argument(
         "--trials", type=int, default=None, help="TPE trials to add to the study (implies --search tpe)"
     )
