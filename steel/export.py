@@ -358,6 +358,8 @@ def export(
     manifest = {**manifest_of(spec, read_json(path / THRESHOLDS_FILE)), "device": device}
     h, w = manifest["image_size"]
     ep = export_program(ensemble, (h, w))
+    compact = any(n.target is torch.ops.aten.nonzero.default for n in ep.graph.nodes)
+    manifest["labelling"] = "data-dependent sizes + while_loop" if compact else "fixed shapes + while_loop"
     write_program(ep, out, manifest, fmt, compile, ensemble if check else None, tol)
     name = {"pt2": "torch.export", "onnx": "ONNX"}[fmt] if not compile else f"AOTInductor ({compile})"
     size = out.stat().st_size / 2**20

@@ -209,6 +209,7 @@ def test_pt2_runs_with_torch_alone_and_equals_steel_predict(exported, synth_dir,
     man = out["manifest"]
     assert man == read_manifest(pt2)  # the zip entry, read without torch
     assert man["artifact"] == "pt2" and man["usage"] == "torch.export.load(path).module()(images)"
+    assert man["labelling"] == "data-dependent sizes + while_loop" and man["device"] == "cpu"
     assert man["thresholds"]["classes"]["1"] == {
         "label": 0.49,
         "pixel": 0.52,
