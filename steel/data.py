@@ -1,13 +1,14 @@
 """Data: SteelDataset (grey image, 4 masks, 4 labels), epoch samplers and the LightningDataModule of one fold.
 
-A training/validation item is a dict, what loader workers send (2 bytes a pixel rather than 8: the bytes that
-go through shared memory cost CPU time)
+A training/validation item is a dict, what loader workers send: 2 bytes a pixel rather than 8, in two tensors
+(each tensor of a batch is a shared-memory segment handed over with its own file descriptor: ~0.2 ms of CPU an
+image for a third one on a 2-core box, see BENCHMARKS.md)
   image     uint8 (1, H, W) grey
   mask      uint8 (H, W), bit c set where class c + 1 has a defect (``pack_masks``)
-  label     float32 (4,) 1 where the class has pixels
   image_id  str
 and a batch, once on the device (``SteelDataModule.on_after_batch_transfer`` -> ``prepare_batch``), is what
-the model takes: image float32 (B, 1, H, W) in [0, 1] (/ 255), mask uint8 (B, 4, H, W) 0/1, label (B, 4).
+the model takes: image float32 (B, 1, H, W) in [0, 1] (/ 255), mask uint8 (B, 4, H, W) 0/1 and
+label float32 (B, 4), 1 where the class has pixels in ``mask``.
 Training items are cropped/resized/augmented; validation items are the full native image (the model resizes to
 its ``input_size`` itself, so validation and inference share one path). Prediction items have no mask/label.
 """
@@ -81,21 +82,17 @@ class SteelDataset(Dataset):
             img, m = self.transform(img, masks)
         else:
             m = masks.decode()
-        has = m.any(axis=(1, 2))
         return {
             "image": torch.from_numpy(img)[None],
-            "mask": torch.from_numpy(pack_masks(m, np.flatnonzero(has))),
-            "label": torch.from_numpy(has.astype(np.float32)),
+            "mask": torch.from_numpy(pack_masks(m)),
             "image_id": image_id,
         }
 
 
-def pack_masks(masks: np.ndarray, present: Sequence[int] | None = None) -> np.ndarray:
-    """Masks uint8 (C, H, W) 0/1, C <= 8 -> uint8 (H, W) with bit c set where mask c is (``present``: the
-    classes that have pixels, if known)."""
+def pack_masks(masks: np.ndarray) -> np.ndarray:
+    """Masks uint8 (C, H, W) 0/1, C <= 8 -> uint8 (H, W) with bit c set where mask c is."""
     out = np.zeros(masks.shape[1:], np.uint8)
-    present = np.flatnonzero(masks.any(axis=(1, 2))) if present is None else present
-    for c in present:  # a loop over the classes that have pixels
+    for c in np.flatnonzero(masks.any(axis=(1, 2))):  # a loop over the classes that have pixels
         out |= masks[c] << np.uint8(c)
     return out
 
@@ -108,8 +105,8 @@ def unpack_masks(packed: torch.Tensor, n: int = N_CLASSES) -> torch.Tensor:
 
 def prepare_batch(batch: dict) -> dict:
     """A collated batch of items -> what the model takes, in place, on the batch's device: images float32 in
-    [0, 1] (/ 255), masks unpacked to (B, 4, H, W) (labels (B, 4) from them if missing). Batches already in that
-    form pass unchanged."""
+    [0, 1] (/ 255), masks unpacked to (B, 4, H, W), labels (B, 4) from the masks (where the batch has none).
+    Batches already in that form pass unchanged."""
     if batch["image"].dtype == torch.uint8:
         batch["image"] = batch["image"].float().div_(255.0)
     if "mask" in batch and batch["mask"].dim() == batch["image"].dim() - 1:

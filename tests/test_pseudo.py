@@ -111,6 +111,7 @@ def test_datamodule_adds_pseudo_images_to_training_only(synth_dir, folds_csv, tm
     truth = read_train(pdir).set_index("ImageId")
     seen, batches = [], 0
     for batch in dm.train_dataloader():
+        batch = dm.on_after_batch_transfer(batch, 0)  # as on the device: float images, 0/1 masks, labels
         batches += 1
         seen += list(batch["image_id"])
         for i, image_id in enumerate(batch["image_id"]):
