@@ -5,7 +5,7 @@ its input size, every fold net on every flip TTA view, flips undone, probabiliti
 member blending (mean / temperature, weights), then the tuned decision rule (label gate, pixel threshold,
 soft gating, small-component removal, min-area; ``steel._torch_postprocess.postprocess_static``, bit-identical
 to ``steel.postprocess``) -> (masks bool (B, 4, H, W), class probs float32 (B, 4), mask probs float32
-(B, 4, H, W)). The batch size is free; H x W is the image size of the run (``manifest["image_size"]``).
+(B, 4, H, W)). Any batch size from 1 to MAX_BATCH; H x W is the run's image size (``manifest["image_size"]``).
 
 Formats (``--format``, ``--compile``):
   * ``pt2`` (default): ``torch.export`` archive, the manifest as its extra file ``manifest.json``. Runs with
