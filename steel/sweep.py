@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from steel.errors import SteelError
+from steel.io import locked
 from steel.oof import OOFStore
 from steel.oof_stats import load_or_compute_stats, store_fingerprint
 from steel.postprocess import Params
@@ -111,39 +112,42 @@ def main(args: argparse.Namespace) -> int:
     else:
         objective = TPEObjective(ev, cfg)
         interrupted = run_tpe(study, objective, trials, [exact_best, Params.uniform(mode=cfg["mode"])])
-    finished = trial_numbers(study)
-    if not finished:
-        raise SteelError(f"study {name!r} has no finished trials (run with --trials N > 0)")
-    best_trial = study.best_trial
-    best = params_of_trial(best_trial, cfg["mode"])
-    oof = ev.summary(best)
-    oof["objective"] = ev.objective(best, cfg["objective"], float(cfg["robust_k"]))
-    default = Params.uniform(mode=cfg["mode"])
-    dflt = ev.summary(default)
-    summary = {
-        "oof_dice": oof,
-        "default_dice": dflt,
-        "default_params": default.to_dict(),
-        "stride": store.stride,
-        "oof_store": {"fingerprint": fingerprint, "full_res_areas": stats.full_res},
-        "search": search,
-        "trials": len(finished),
-        "trials_added": len(finished) - n_before,
-        "objective": cfg["objective"],
-        "robust_k": float(cfg["robust_k"]),
-        "study_name": name,
-        "storage": mask_url(url),
-        "best_trial": best_trial.number,
-        "config": cfg["source"],
-        "n_images": len(store),
-        **({"sampler_seed": seed} if search == "tpe" else {}),
-        **best.to_dict(),
-    }
-    png = out_dir / "sweep.png"
-    plot_curves(ev, cfg, best, dflt, png)
-    values = [t.value for t in study.get_trials(deepcopy=False) if t.value is not None]
-    summary["wandb_run_id"] = log_wandb(out_dir, summary, values, png, f"sweep-{name}")
-    note = write_thresholds(out_dir, best, summary)
+    # count the study, pick its best and write thresholds.json under one lock: a concurrent sweep on the same
+    # study that finishes later then always counts every trial finished before it writes
+    with locked(out_dir / ".sweep.lock"):
+        finished = trial_numbers(study)
+        if not finished:
+            raise SteelError(f"study {name!r} has no finished trials (run with --trials N > 0)")
+        best_trial = study.best_trial
+        best = params_of_trial(best_trial, cfg["mode"])
+        oof = ev.summary(best)
+        oof["objective"] = ev.objective(best, cfg["objective"], float(cfg["robust_k"]))
+        default = Params.uniform(mode=cfg["mode"])
+        dflt = ev.summary(default)
+        summary = {
+            "oof_dice": oof,
+            "default_dice": dflt,
+            "default_params": default.to_dict(),
+            "stride": store.stride,
+            "oof_store": {"fingerprint": fingerprint, "full_res_areas": stats.full_res},
+            "search": search,
+            "trials": len(finished),
+            "trials_added": len(finished) - n_before,
+            "objective": cfg["objective"],
+            "robust_k": float(cfg["robust_k"]),
+            "study_name": name,
+            "storage": mask_url(url),
+            "best_trial": best_trial.number,
+            "config": cfg["source"],
+            "n_images": len(store),
+            **({"sampler_seed": seed} if search == "tpe" else {}),
+            **best.to_dict(),
+        }
+        png = out_dir / "sweep.png"
+        plot_curves(ev, cfg, best, dflt, png)
+        values = [t.value for t in study.get_trials(deepcopy=False) if t.value is not None]
+        summary["wandb_run_id"] = log_wandb(out_dir, summary, values, png, f"sweep-{name}")
+        note = write_thresholds(out_dir, best, summary)
     from steel import tracking  # W&B lineage: the OOF store -> thresholds.json, in the sweep's run
 
     tracking.log_sweep(out_dir, run_id=summary["wandb_run_id"])
