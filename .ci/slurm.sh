@@ -93,7 +93,7 @@ chmod 0400 /etc/munge/munge.key
 chmod 0755 /run/munge
 if ! alive "$RUN/munged.pid"; then
   munged --force --socket="$MUNGE_SOCK" --pid-file="$RUN/munged.pid" --log-file="$LOG/munged.log" \
-    --seed-file="$STATE/munge.seed" --key-file=/etc/munge/munge.key
+    --seed-file="$STATE/munge.seed" --key-file=/etc/munge/munge.key </dev/null 3>&-
 fi
 for _ in $(seq 50); do munge -n -S "$MUNGE_SOCK" 2>/dev/null | unmunge -S "$MUNGE_SOCK" >/dev/null 2>&1 && break; sleep 0.2; done
 munge -n -S "$MUNGE_SOCK" | unmunge -S "$MUNGE_SOCK" >/dev/null || fail "munge does not work" "$LOG/munged.log"
@@ -146,10 +146,10 @@ if [ ! -e /etc/slurm/slurm.conf ] || [ -L /etc/slurm/slurm.conf ]; then ln -sfn 
 # 4. daemons (restarted, so they read this config)
 stop_daemon slurmd
 stop_daemon slurmctld
-slurmctld -f "$SLURM_CONF" # daemonises, writes SlurmctldPidFile
+slurmctld -f "$SLURM_CONF" </dev/null 3>&- # daemonises, writes SlurmctldPidFile; 3>&-: the daemon must not hold the pipe of $(...)
 for _ in $(seq 60); do scontrol ping 2>/dev/null | grep -q UP && break; sleep 0.5; done
 scontrol ping | grep -q UP || fail "slurmctld not responding" "$LOG/slurmctld.log"
-slurmd -f "$SLURM_CONF"
+slurmd -f "$SLURM_CONF" </dev/null 3>&-
 
 # 5. the node idle (resumed if a previous run left it down/drained), then one srun as a smoke test
 state=""
