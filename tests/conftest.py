@@ -7,11 +7,18 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+# A test run started in the background by a non-interactive shell (`cmd &`, as some CI runners do) inherits
+# SIGINT ignored, and so would every process the tests start: Ctrl-C tests would then test nothing. Handled
+# signals are reset to the default in children at exec, ignored ones are not.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
