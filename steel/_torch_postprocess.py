@@ -127,6 +127,23 @@ def _expand(start: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
     return (start - first).repeat_interleave(length) + torch.arange(total, device=start.device)
 
 
+def plane_thresholds(
+    prob: torch.Tensor,
+    cls: torch.Tensor,
+    pixel_thr: torch.Tensor,
+    scale_thr: torch.Tensor | None,
+    soft: bool,
+) -> torch.Tensor:
+    """Pixel threshold (B, 4) of every plane in the dtype of prob: ``pixel`` (hard, soft) or scaled mode's
+    ``pixel * (1 + scale * (0.5 - cls))``, in the order of ``steel.postprocess.pixel_thresholds``."""
+    b, c = cls.shape
+    pix = pixel_thr.to(device=prob.device, dtype=prob.dtype).view(1, c)
+    if soft or scale_thr is None:
+        return pix.expand(b, c)
+    scale = scale_thr.to(device=prob.device, dtype=prob.dtype).view(1, c)
+    return pix * (1.0 + scale * (0.5 - cls.to(prob.dtype)))
+
+
 def component_sizes_torch(mask: torch.Tensor) -> torch.Tensor:
     """Size of the 8-connected component of every pixel: mask bool (N, H, W) -> int64 (N, H, W), 0 off the mask."""
     n, h, w = mask.shape
@@ -147,10 +164,12 @@ def postprocess_torch(
     min_component: torch.Tensor,
     soft: bool = False,
     stride: int = 1,
+    scale_thr: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masks bool (B, 4, H, W) from prob (B, 4, H, W) in [0, 1], cls (B, 4) and per-class thresholds (4,).
 
     ``min_area`` / ``min_component`` are in full-resolution pixels; areas are multiplied by ``stride**2``.
+    ``scale_thr`` (4,): scaled mode's scales (None or 0: hard); ignored when ``soft``.
     Components are only labelled in the (image, class) planes that can keep pixels: label gate passed,
     ``min_component > 0``, and an area (before component removal) that is not already below ``min_area``.
     """
@@ -160,7 +179,7 @@ def postprocess_torch(
     s2 = float(stride * stride)
     mc = min_component.to(device=dev, dtype=torch.float64).repeat(b)
     ma = min_area.to(device=dev, dtype=torch.float64).repeat(b)
-    pix = pixel_thr.to(device=dev, dtype=prob.dtype).repeat(b)
+    pix = plane_thresholds(prob, cls, pixel_thr, scale_thr, soft).reshape(-1)
     gate = (cls >= label_thr.to(device=dev, dtype=cls.dtype).view(1, c)).reshape(-1)
     # threshold only the planes that pass the label gate (a loop over planes, not pixels); clear the others
     mask = torch.empty(b, c, h, w, dtype=torch.bool, device=dev)
@@ -289,6 +308,7 @@ def postprocess_static(
     soft: bool = False,
     stride: int = 1,
     compact: bool = True,
+    scale_thr: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``postprocess_torch`` without host synchronisation or Python loops over values (for torch.export,
     AOTInductor and torch.compile; bit-identical to it and to the numpy reference). Components are labelled
@@ -300,7 +320,9 @@ def postprocess_static(
     s2 = float(stride * stride)
     gate = cls >= label_thr.to(device=dev, dtype=cls.dtype).view(1, c)
     x = prob * cls.to(prob.dtype).view(b, c, 1, 1) if soft else prob
-    mask = (x >= pixel_thr.to(device=dev, dtype=prob.dtype).view(1, c, 1, 1)) & gate.view(b, c, 1, 1)
+    mask = (x >= plane_thresholds(prob, cls, pixel_thr, scale_thr, soft).view(b, c, 1, 1)) & gate.view(
+        b, c, 1, 1
+    )
     flat = mask.reshape(b * c, h, w)
     mc = min_component.to(device=dev, dtype=torch.float64).view(1, c).expand(b, c).reshape(-1)
     ma = min_area.to(device=dev, dtype=torch.float64).view(1, c).expand(b, c).reshape(-1)

@@ -192,6 +192,9 @@ class Ensemble(nn.Module):
         self.register_buffer("pixel_thr", torch.tensor(arr["pixel"], dtype=torch.float32))
         self.register_buffer("min_area", torch.tensor(arr["min_area"], dtype=torch.float64))
         self.register_buffer("min_component", torch.tensor(arr["min_component"], dtype=torch.float64))
+        self.register_buffer(
+            "scale_thr", torch.tensor([p.scale for p in params.classes], dtype=torch.float32)
+        )
         self.soft = params.mode == "soft"
 
     def to_input(self, images: torch.Tensor) -> torch.Tensor:
@@ -224,7 +227,15 @@ class Ensemble(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         probs, cls = self.probs(self.to_input(images))
         masks = postprocess_torch(
-            probs, cls, self.label_thr, self.pixel_thr, self.min_area, self.min_component, self.soft, 1
+            probs,
+            cls,
+            self.label_thr,
+            self.pixel_thr,
+            self.min_area,
+            self.min_component,
+            self.soft,
+            1,
+            self.scale_thr,
         )
         return masks, cls, probs
 

@@ -154,7 +154,16 @@ class Program(nn.Module):
         e = self.ensemble
         probs, cls = e.probs(e.to_input(images))
         masks = postprocess_static(
-            probs, cls, e.label_thr, e.pixel_thr, e.min_area, e.min_component, e.soft, 1, self.compact
+            probs,
+            cls,
+            e.label_thr,
+            e.pixel_thr,
+            e.min_area,
+            e.min_component,
+            e.soft,
+            1,
+            self.compact,
+            e.scale_thr,
         )
         return masks, cls, probs
 

@@ -43,6 +43,7 @@ from tqdm import tqdm
 from steel import N_CLASSES
 from steel.io import atomic_path
 from steel.oof import OOFStore
+from steel.postprocess import pixel_thresholds
 
 STATS_VERSION = 3
 # Probability of each quantised level exactly as OOFStore.probs / postprocess compute it (float32 q / 255).
@@ -67,6 +68,21 @@ def level_index(pixel: np.ndarray, cls: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
+def image_levels(pixel: np.ndarray, cls: np.ndarray, mode: str, scale: float = 0.0) -> np.ndarray:
+    """Quantised level (..., P) of every image at pixel thresholds (P,), as ``steel.postprocess`` decides in
+    ``mode``: cls (...,) the images' class probabilities (soft and scaled modes depend on them; scaled: the
+    threshold ``pixel_thresholds(pixel, cls, scale)`` in float32). Hard (or scaled with scale 0) -> the same
+    level for every image, broadcast."""
+    cls = np.asarray(cls, dtype=np.float32)
+    if mode == "soft":
+        return level_index(pixel, cls)
+    pix = np.asarray(pixel, dtype=np.float64).astype(np.float32)
+    if mode == "hard" or scale == 0:
+        return np.broadcast_to(level_index(pix), (*cls.shape, len(pix)))
+    t = pixel_thresholds(pix, cls[..., None], np.float64(scale).astype(np.float32))  # (..., P) float32
+    return np.searchsorted(LEVELS, t, side="left").astype(np.int64)
+
+
 @dataclass(frozen=True)
 class Stats:
     """Sufficient statistics of one OOF store for a pixel-threshold grid (P,) and component grid (K,)."""
@@ -74,7 +90,7 @@ class Stats:
     pixel: np.ndarray  # (P,) float64, increasing
     comp: np.ndarray  # (K,) float64, increasing, comp[0] = 0 (full-resolution pixels)
     stride: int
-    mode: str  # hard | soft
+    mode: str  # hard | soft | scaled
     full_res: bool  # areas from the store's full-resolution histograms
     kept_area: np.ndarray  # (4, P, K, N) int32, full-resolution pixels
     kept_inter: np.ndarray  # (4, P, K, N) int32
@@ -82,6 +98,7 @@ class Stats:
     ge_true: np.ndarray  # (N, 4, 257) int32
     cls: np.ndarray  # (N, 4) float32
     folds: np.ndarray  # (N,) int64
+    scale: float = 0.0  # scaled mode: the one scale these statistics are for (0 otherwise)
 
     @property
     def n(self) -> int:
@@ -105,7 +122,13 @@ class Stats:
     def from_arrays(cls, z: dict[str, np.ndarray]) -> Stats:
         kw = {f.name: z[f.name] for f in fields(cls)}
         return cls(
-            **{**kw, "stride": int(kw["stride"]), "mode": str(kw["mode"]), "full_res": bool(kw["full_res"])}
+            **{
+                **kw,
+                "stride": int(kw["stride"]),
+                "mode": str(kw["mode"]),
+                "full_res": bool(kw["full_res"]),
+                "scale": float(kw["scale"]),
+            }
         )
 
 
@@ -371,18 +394,20 @@ def compute_stats(
     workers: int = 1,
     chunk: int = 32,
     progress: bool = True,
+    scale: float = 0.0,
 ) -> Stats:
-    """Statistics of ``store`` for pixel thresholds (P,) and component sizes (K,), streamed in chunks of
-    ``chunk`` images by ``workers`` threads (OpenCV and numpy release the GIL; threads end with the process).
+    """Statistics of ``store`` for pixel thresholds (P,) and component sizes (K,) in ``mode`` (scaled: at one
+    ``scale``), streamed in chunks of ``chunk`` images by ``workers`` threads (OpenCV and numpy release the
+    GIL; threads end with the process).
     """
     pixel, comp = np.asarray(pixel, np.float64), np.asarray(comp, np.float64)
     _check_grids(pixel, comp)
+    if mode == "scaled" and scale == 0:  # the same thresholds as hard mode
+        mode = "hard"
     n, p, k = len(store), len(pixel), len(comp)
     cls = np.asarray(store.cls, dtype=np.float32)
-    if mode == "soft":
-        qmin = level_index(pixel, cls)  # (N, 4, P): the level depends on the image's class probability
-    else:
-        qmin = np.broadcast_to(level_index(pixel), (n, N_CLASSES, p))
+    # (N, 4, P), increasing in P for every image: soft and scaled levels depend on the class probability
+    qmin = image_levels(pixel, cls, mode, scale)
     kept_area = np.zeros((N_CLASSES, p, k, n), np.int32)
     kept_inter = np.zeros((N_CLASSES, p, k, n), np.int32)
     ge_all = np.zeros((n, N_CLASSES, 257), np.int32)
@@ -415,7 +440,7 @@ def compute_stats(
         bar.close()
     full_res = store.full_hist is not None and store.stride > 1
     return Stats(pixel, comp, store.stride, mode, full_res, kept_area, kept_inter, ge_all, ge_true, cls,
-                 np.asarray(store.folds, dtype=np.int64))  # fmt: skip
+                 np.asarray(store.folds, dtype=np.int64), float(scale))  # fmt: skip
 
 
 def store_fingerprint(store: OOFStore) -> str:
@@ -429,10 +454,12 @@ def store_fingerprint(store: OOFStore) -> str:
     return hashlib.sha1(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def stats_key(store: OOFStore, pixel: np.ndarray, comp: np.ndarray, mode: str) -> str:
-    """Cache key of the statistics of a store for a grid and mode."""
+def stats_key(store: OOFStore, pixel: np.ndarray, comp: np.ndarray, mode: str, scale: float = 0.0) -> str:
+    """Cache key of the statistics of a store for a grid and mode (and scale, in scaled mode)."""
     ident = {"v": STATS_VERSION, "pixel": np.asarray(pixel, np.float64).tolist(),
              "comp": np.asarray(comp, np.float64).tolist(), "mode": mode, "store": store_fingerprint(store)}  # fmt: skip
+    if mode == "scaled":
+        ident["scale"] = float(scale)
     return hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -443,12 +470,17 @@ def load_or_compute_stats(
     mode: str = "hard",
     workers: int = 1,
     progress: bool = True,
+    scale: float = 0.0,
 ) -> tuple[Stats, Path]:
-    """Cached statistics (``oof/stats-<key>.npz``, written atomically) -> (stats, cache path).
+    """Cached statistics (``oof/stats-<key>.npz``, written atomically) -> (stats, cache path). Scaled mode at
+    scale 0 is hard mode: its statistics are hard mode's (one cache).
 
     A store that cannot be written to gets its cache in the temp dir; a damaged cache is recomputed.
     """
-    key = stats_key(store, np.asarray(pixel, np.float64), np.asarray(comp, np.float64), mode)
+    if mode == "scaled" and scale == 0:
+        mode = "hard"
+    scale = float(scale) if mode == "scaled" else 0.0
+    key = stats_key(store, np.asarray(pixel, np.float64), np.asarray(comp, np.float64), mode, scale)
     path = store.dir / f"stats-{key}.npz"
     if not os.access(store.dir, os.W_OK):
         path = Path(tempfile.gettempdir()) / f"steel-stats-{key}.npz"
@@ -458,7 +490,7 @@ def load_or_compute_stats(
                 return Stats.from_arrays({k: z[k] for k in z.files}), path
         except (OSError, ValueError, KeyError):
             pass  # damaged or from another version: recompute
-    stats = compute_stats(store, pixel, comp, mode, workers=workers, progress=progress)
+    stats = compute_stats(store, pixel, comp, mode, workers=workers, progress=progress, scale=scale)
     with atomic_path(path, suffix=".npz") as tmp:
         np.savez(tmp, **stats.arrays())
     return stats, path
@@ -571,14 +603,15 @@ class LevelComponents:
         self._strips: dict[int, tuple[np.ndarray, list[_Strip]]] = {}  # class -> (base levels, strips)
 
     def levels(self, c: int, pixel: float) -> np.ndarray:
-        """Per-image quantised level (N,) of class c (0-based) at a pixel threshold."""
-        if self.mode == "soft":
-            return level_index(np.array([pixel]), self.stats.cls[:, c])[:, 0]
-        return np.full(self.stats.n, level_index(np.array([pixel]))[0])
+        """Per-image quantised level (N,) of class c (0-based) at a pixel threshold (the statistics' scale)."""
+        return np.array(
+            image_levels(np.array([pixel]), self.stats.cls[:, c], self.mode, self.stats.scale)[:, 0]
+        )
 
     def get(self, c: int, pixel: float) -> Components:
         lv = self.levels(c, pixel)
-        key = (c, int(lv[0])) if self.mode == "hard" else (c, float(np.float32(pixel)))
+        same = self.mode == "hard" or (self.mode == "scaled" and self.stats.scale == 0)
+        key = (c, int(lv[0])) if same else (c, float(np.float32(pixel)))
         hit = self._memo.pop(key, None)
         if hit is None:
             hit = self._compute(c, lv)

@@ -1,11 +1,15 @@
 """Post-processing of mask probabilities: label gate, pixel threshold, small-component removal, min-area.
 
 For class c (params in full-resolution pixels; at a stride s an area of a counts as a * s * s):
-  1. ``mask = prob_c >= pixel_c`` (hard) or ``prob_c * cls_c >= pixel_c`` (soft gating);
+  1. ``mask = prob_c >= pixel_c`` (hard), ``prob_c * cls_c >= pixel_c`` (soft gating) or
+     ``prob_c >= pixel_c * (1 + scale_c * (0.5 - cls_c))`` (scaled);
   2. 8-connected components with ``size * s * s < min_component_c`` are removed;
   3. the whole mask is dropped if ``cls_c < label_c`` or its remaining ``area * s * s < min_area_c``.
 Gating ("mode"): hard = step 1 thresholds the mask probability; soft = it thresholds the product with the
-class probability (4th place soft gating); in both the label gate of step 3 applies. The val/dice rule of
+class probability (4th place soft gating); scaled = the class probability scales the pixel threshold
+(55th place): ``pixel_c`` at ``cls_c = 0.5``, lower on images the classifier is sure of (``pixel_c * (1 -
+scale_c / 2)`` at ``cls_c = 1``), higher on doubtful ones; ``scale_c`` in [0, 2) is tuned like the other
+parameters, and ``scale_c = 0`` is hard mode exactly. In every mode the label gate of step 3 applies. The val/dice rule of
 ``SteelModule`` is one such ``Params`` (``gating_params``), with "none" meaning hard with no label gate.
 Comparisons are done in the dtype of the probabilities (thresholds are cast to it), so the numpy, torch
 and sweep paths agree bit for bit. ``Params`` reads/writes the ``thresholds.json`` contract.
@@ -29,20 +33,23 @@ from steel import N_CLASSES
 from steel.errors import SteelError
 from steel.io import read_json, write_json
 
-MODES = ("hard", "soft")
+MODES = ("hard", "soft", "scaled")
 GATINGS = ("none", "hard", "soft")  # SteelModule's val/dice rules: MODES plus "none" (mask head alone)
 PARAM_KEYS = ("label", "pixel", "min_area", "min_component")
+SCALE_MAX = 2.0  # scaled mode: scale < 2 keeps the threshold above 0 for every class probability in [0, 1]
 THRESHOLDS_FILE = "thresholds.json"
 
 
 @dataclass(frozen=True)
 class ClassParams:
-    """Thresholds of one class: label gate and pixel threshold in [0, 1], areas in full-res pixels."""
+    """Thresholds of one class: label gate and pixel threshold in [0, 1], areas in full-res pixels, and the
+    scaled mode's ``scale`` in [0, 2) (0 in the other modes)."""
 
     label: float = 0.5
     pixel: float = 0.5
     min_area: float = 0
     min_component: float = 0
+    scale: float = 0
 
 
 @dataclass(frozen=True)
@@ -66,6 +73,11 @@ class Params:
                 v = getattr(p, key)
                 if not (isinstance(v, int | float) and math.isfinite(v) and v >= 0):
                     raise SteelError(f"thresholds: class {c} {key} = {v!r} is not a number >= 0")
+            s = p.scale
+            if not (isinstance(s, int | float) and 0.0 <= s < SCALE_MAX):
+                raise SteelError(f"thresholds: class {c} scale = {s!r} is not a number in [0, {SCALE_MAX:g})")
+            if s != 0 and self.mode != "scaled":
+                raise SteelError(f"thresholds: class {c} scale = {s!r} needs mode scaled, not {self.mode}")
 
     @classmethod
     def uniform(
@@ -80,12 +92,21 @@ class Params:
         return cls((ClassParams(label, pixel, min_area, min_component),) * N_CLASSES, mode)
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """{'label', 'pixel', 'min_area', 'min_component'} -> float64 arrays (4,), e.g. for ``postprocess_torch``."""
-        return {k: np.array([getattr(p, k) for p in self.classes], dtype=np.float64) for k in PARAM_KEYS}
+        """{'label', 'pixel', 'min_area', 'min_component', 'scale'} -> float64 arrays (4,), e.g. for
+        ``postprocess_torch``."""
+        return {k: np.array([getattr(p, k) for p in self.classes], dtype=np.float64) for k in self.keys()}
+
+    def keys(self) -> tuple[str, ...]:
+        """The parameters of a class in this mode: ``PARAM_KEYS``, plus ``scale`` in scaled mode."""
+        return (*PARAM_KEYS, "scale") if self.mode == "scaled" else PARAM_KEYS
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``classes`` and ``mode`` part of thresholds.json."""
-        return {"classes": {str(c): asdict(p) for c, p in enumerate(self.classes, 1)}, "mode": self.mode}
+        """The ``classes`` and ``mode`` part of thresholds.json (``scale`` only in scaled mode)."""
+        keys = self.keys()
+        classes = {
+            str(c): {k: v for k, v in asdict(p).items() if k in keys} for c, p in enumerate(self.classes, 1)
+        }
+        return {"classes": classes, "mode": self.mode}
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "thresholds") -> Params:
@@ -98,9 +119,9 @@ class Params:
         out = []
         for c in sorted(want):
             p = d["classes"][c]
-            if not isinstance(p, dict) or set(p) - set(PARAM_KEYS) or not {"label", "pixel"} <= set(p):
+            if not isinstance(p, dict) or set(p) - {*PARAM_KEYS, "scale"} or not {"label", "pixel"} <= set(p):
                 raise SteelError(
-                    f"{source}: class {c} needs keys label, pixel[, min_area, min_component], got {p!r}"
+                    f"{source}: class {c} needs keys label, pixel[, min_area, min_component, scale], got {p!r}"
                 )
             bad = [k for k, v in p.items() if isinstance(v, bool) or not isinstance(v, int | float)]
             if bad:
@@ -138,6 +159,14 @@ def gating_params(gating: str = "hard", pixel: float = 0.5, label: float = 0.5) 
     if gating == "none":
         return Params.uniform(0.0, pixel, 0, 0, "hard")
     return Params.uniform(label, pixel, 0, 0, gating)
+
+
+def pixel_thresholds(pixel: Any, cls: Any, scale: Any, dtype: Any = np.float32) -> np.ndarray:
+    """Scaled mode's threshold ``pixel * (1 + scale * (0.5 - cls))``, computed in ``dtype`` in this order (so
+    numpy, torch and the sweep agree bit for bit); pixel / scale broadcast against cls. scale 0 -> pixel."""
+    t = np.dtype(dtype).type
+    one, half = t(1.0), t(0.5)
+    return np.asarray(pixel, dtype) * (one + np.asarray(scale, dtype) * (half - np.asarray(cls, dtype)))
 
 
 def remove_small_components(mask: np.ndarray, min_size: float, stride: int = 1) -> np.ndarray:
@@ -179,8 +208,11 @@ def postprocess(prob: np.ndarray, cls_prob: np.ndarray, params: Params, stride: 
     for c, p in enumerate(params.classes):
         if cls_prob[c] < ctype(p.label):
             continue
-        x = prob[c] * ptype(cls_prob[c]) if params.mode == "soft" else prob[c]
-        m = remove_small_components(x >= ptype(p.pixel), p.min_component, stride)
+        if params.mode == "soft":
+            m = prob[c] * ptype(cls_prob[c]) >= ptype(p.pixel)
+        else:  # hard is scaled with scale 0: the threshold is the pixel threshold itself
+            m = prob[c] >= pixel_thresholds(p.pixel, cls_prob[c], p.scale, prob.dtype)
+        m = remove_small_components(m, p.min_component, stride)
         if int(m.sum()) * stride * stride < p.min_area:
             continue
         out[c] = m

@@ -10,6 +10,7 @@ This module is the command line:
   * ``--search tpe --trials N`` (``--trials`` alone implies it): N Optuna TPE trials over pixel threshold and
     component size as continuous parameters, each with label and min-area solved exactly; the grid's exact
     best is tried first in a new study.
+``mode: scaled`` in the config tunes a per-class scale as well: one statistics pass per scale of its grid.
 ``--workers N`` threads compute the statistics (and TPE's components at new thresholds); no child processes.
 """
 
@@ -25,9 +26,9 @@ from steel.io import locked
 from steel.oof import OOFStore
 from steel.oof_stats import load_or_compute_stats, store_fingerprint
 from steel.postprocess import Params
-from steel.sweep_config import SEARCHES, load_config, space_signature, sweep_grids
+from steel.sweep_config import SEARCHES, load_config, scale_grid, space_signature, sweep_grids
 from steel.sweep_report import log_wandb, plot_curves, print_summary, write_thresholds
-from steel.sweep_solver import Evaluator, grid_candidates, solve, top_k
+from steel.sweep_solver import Evaluator, scaled_candidates, solve, top_k
 from steel.sweep_study import (
     TPEObjective,
     default_storage,
@@ -97,12 +98,18 @@ def main(args: argparse.Namespace) -> int:
     )  # another space or store fails here, before the work
 
     t0 = time.perf_counter()
-    stats, stats_path = load_or_compute_stats(store, *sweep_grids(cfg), cfg["mode"], workers=args.workers)
+    all_stats = []
+    for scale in scale_grid(cfg):  # scaled mode: one statistics pass per scale (scale 0 = hard mode's)
+        st, stats_path = load_or_compute_stats(
+            store, *sweep_grids(cfg), cfg["mode"], workers=args.workers, scale=scale
+        )
+        all_stats.append(st)
+    stats = all_stats[0]
     t_stats = time.perf_counter() - t0
     comp_high = max(float(d["min_component"].high) for d in cfg["dims"])
     base = [float(d["pixel"].low) for d in cfg["dims"]]  # TPE's thresholds: labelled on packed components
-    ev = Evaluator(stats, store, bound=comp_high + 1, workers=args.workers, base=base)
-    cands = [grid_candidates(stats, c, cfg["dims"][c], ev.folds) for c in range(len(cfg["dims"]))]
+    ev = Evaluator(all_stats, store, bound=comp_high + 1, workers=args.workers, base=base)
+    cands = [scaled_candidates(all_stats, c, cfg["dims"][c], ev.folds) for c in range(len(cfg["dims"]))]
     exact = solve(cands, ev.folds, cfg["objective"], float(cfg["robust_k"]))
     exact_best = Params(tuple(c.params(m) for c, m in zip(cands, exact.choice)), cfg["mode"])
     interrupted = False

@@ -1,5 +1,6 @@
 """Sweep configuration (``sweeps/*.yaml``): search kind, objective, gating mode, TPE sampler and the per-class
-space of the four post-processing parameters (label gate, pixel threshold, min-area, component size).
+space of the post-processing parameters (label gate, pixel threshold, min-area, component size, and in scaled
+mode the scale of the pixel threshold by the class probability).
 
 ``DEFAULT_CONFIG`` is ``sweeps/default.yaml``; a file overrides any part of it, ``classes`` overrides the space
 of single classes. ``load_config`` validates and adds ``dims`` (per class {key: Dim}); errors are SteelErrors
@@ -20,7 +21,7 @@ import numpy as np
 
 from steel import N_CLASSES
 from steel.errors import SteelError
-from steel.postprocess import PARAM_KEYS
+from steel.postprocess import MODES, PARAM_KEYS, SCALE_MAX
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "search": "exact",
@@ -35,6 +36,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "pixel": {"low": 0.3, "high": 0.7, "step": 0.05},
         "min_area": {"low": 0, "high": 3000, "step": 100},
         "min_component": {"low": 0, "high": 300, "step": 50},
+        "scale": {"low": 0, "high": 1.5, "step": 0.5},
     },
     "classes": {},
 }
@@ -42,6 +44,7 @@ CONFIG_KEYS = set(DEFAULT_CONFIG)
 SAMPLER_KEYS = set(DEFAULT_CONFIG["sampler"])
 OBJECTIVES = ("mean", "robust")
 SEARCHES = ("exact", "tpe")
+SPACE_KEYS = (*PARAM_KEYS, "scale")  # scale: searched in scaled mode only
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,9 @@ def _dim(spec: Any, key: str, where: str) -> Dim:
         raise SteelError(f"{where}: {key} needs step > 0 and low <= high; got {spec!r}")
     if integer and lo < 0:
         raise SteelError(f"{where}: {key} low {lo} must be >= 0")
-    if not integer and not (0.0 <= lo and hi <= 1.0):
+    if key == "scale" and not (0.0 <= lo and hi < SCALE_MAX):
+        raise SteelError(f"{where}: scale range [{lo}, {hi}] must lie in [0, {SCALE_MAX:g})")
+    if not integer and key != "scale" and not (0.0 <= lo and hi <= 1.0):
         raise SteelError(f"{where}: {key} range [{lo}, {hi}] must lie in [0, 1]")
     k = (hi - lo) / st
     if abs(k - round(k)) > 1e-6:
@@ -142,12 +147,12 @@ def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
         raise SteelError(
             f"{where}: sampler multivariate {cfg['sampler']['multivariate']!r} must be true or false"
         )
-    if set(cfg["space"]) != set(PARAM_KEYS):
-        bad = sorted(set(cfg["space"]) ^ set(PARAM_KEYS))[0]
-        raise SteelError(f"{where}: space key {bad!r} unknown or missing (expected {', '.join(PARAM_KEYS)})")
+    if set(cfg["space"]) != set(SPACE_KEYS):
+        bad = sorted(set(cfg["space"]) ^ set(SPACE_KEYS))[0]
+        raise SteelError(f"{where}: space key {bad!r} unknown or missing (expected {', '.join(SPACE_KEYS)})")
     _int(cfg, "trials", 0, where)
     _int(cfg, "top_k", 1, where)
-    for key, allowed in (("search", SEARCHES), ("objective", OBJECTIVES), ("mode", ("hard", "soft"))):
+    for key, allowed in (("search", SEARCHES), ("objective", OBJECTIVES), ("mode", MODES)):
         if cfg[key] not in allowed:
             raise SteelError(f"{where}: {key} {cfg[key]!r} is not one of {', '.join(allowed)}")
     rk = cfg["robust_k"]
@@ -162,10 +167,10 @@ def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
     dims = []
     for c in range(1, N_CLASSES + 1):
         over = classes.get(str(c), {}) or {}
-        if not isinstance(over, dict) or set(over) - set(PARAM_KEYS):
-            raise SteelError(f"{where}: classes.{c} may only override {', '.join(PARAM_KEYS)}; got {over!r}")
+        if not isinstance(over, dict) or set(over) - set(SPACE_KEYS):
+            raise SteelError(f"{where}: classes.{c} may only override {', '.join(SPACE_KEYS)}; got {over!r}")
         space = _merge(cfg["space"], over)  # a partial {low, high, step} inherits the rest
-        dims.append({k: _dim(space[k], k, f"{where}: class {c}") for k in PARAM_KEYS})
+        dims.append({k: _dim(space[k], k, f"{where}: class {c}") for k in SPACE_KEYS})
     cfg["classes"] = classes
     cfg["dims"] = dims
     cfg["source"] = where
@@ -174,7 +179,8 @@ def load_config(path: str | os.PathLike | None) -> dict[str, Any]:
 
 def space_signature(cfg: dict[str, Any], search: str) -> str:
     """What makes two runs' trials comparable in one study: search kind, per-class space, mode, objective."""
-    dims = [{k: [d.low, d.high, d.step] for k, d in cd.items()} for cd in cfg["dims"]]
+    keys = SPACE_KEYS if cfg["mode"] == "scaled" else PARAM_KEYS  # a hard / soft study's space has no scale
+    dims = [{k: [d.low, d.high, d.step] for k, d in cd.items() if k in keys} for cd in cfg["dims"]]
     sig = {"search": search, "dims": dims, "mode": cfg["mode"], "objective": cfg["objective"],
            "robust_k": float(cfg["robust_k"])}  # fmt: skip
     return json.dumps(sig, sort_keys=True)
@@ -185,3 +191,11 @@ def sweep_grids(cfg: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     pix = sorted({v for cd in cfg["dims"] for v in cd["pixel"].values()})
     comp = sorted({0, *(v for cd in cfg["dims"] for v in cd["min_component"].values())})
     return np.array(pix, dtype=np.float64), np.array(comp, dtype=np.float64)
+
+
+def scale_grid(cfg: dict[str, Any]) -> list[float]:
+    """Scales to compute statistics for: scaled mode, 0 (= hard: the default thresholds) and the union over
+    classes of the scale grid; [0.0] in hard and soft mode."""
+    if cfg["mode"] != "scaled":
+        return [0.0]
+    return sorted({0.0, *(float(v) for cd in cfg["dims"] for v in cd["scale"].values())})

@@ -131,4 +131,5 @@ def print_summary(summary: dict[str, Any], best: Params, t_stats: float, stats_n
         print(
             f"  class {c}: dice {oof['per_class'][c - 1]:.5f} (default {dflt['per_class'][c - 1]:.5f})  "
             f"label {p.label:.4g} pixel {p.pixel:.4g} min_area {p.min_area:.4g} min_component {p.min_component:.4g}"
+            + (f" scale {p.scale:.4g}" if best.mode == "scaled" else "")
         )

@@ -25,7 +25,7 @@ import numpy as np
 from steel import N_CLASSES
 from steel.metrics import dice_from_counts, dice_per_pair
 from steel.oof import OOFStore
-from steel.oof_stats import LevelComponents, Stats, level_index
+from steel.oof_stats import LevelComponents, Stats, image_levels
 from steel.postprocess import ClassParams, Params, postprocess
 
 OBJECTIVES = ("mean", "robust")
@@ -99,6 +99,7 @@ class Candidates:
     min_component: np.ndarray
     label: np.ndarray
     min_area: np.ndarray
+    scale: np.ndarray | None = None  # scaled mode (None: 0)
 
     def params(self, m: int) -> ClassParams:
         return ClassParams(
@@ -106,7 +107,20 @@ class Candidates:
             pixel=float(self.pixel[m]),
             min_area=_num(self.min_area[m]),
             min_component=_num(self.min_component[m]),
+            scale=0.0 if self.scale is None else float(self.scale[m]),
         )
+
+    @classmethod
+    def concat(cls, parts: list[Candidates]) -> Candidates:
+        """One class's candidates of several statistics (scaled mode: one per scale), in order."""
+        if len(parts) == 1:
+            return parts[0]
+        scales = [np.zeros(len(p.pixel)) if p.scale is None else p.scale for p in parts]
+        cols = [
+            np.concatenate([getattr(p, k) for p in parts])
+            for k in ("sums", "pixel", "min_component", "label", "min_area")
+        ]
+        return cls(*cols, np.concatenate(scales))
 
 
 def _num(v: float) -> float | int:
@@ -128,8 +142,17 @@ def grid_candidates(stats: Stats, c: int, dims: dict[str, Any], folds: Folds) ->
     inter = stats.kept_inter[c][np.ix_(j, k)]
     t = stats.true_area[c]
     sums = fold_tables(area, inter, t, stats.cls[:, c], folds, labels, areas)  # (J, K, L, A, F)
-    grids = np.meshgrid(pix, comp, labels, areas, indexing="ij")
-    return Candidates(sums.reshape(-1, folds.n), *(g.reshape(-1).astype(np.float64) for g in grids))
+    grids = [g.reshape(-1).astype(np.float64) for g in np.meshgrid(pix, comp, labels, areas, indexing="ij")]
+    return Candidates(sums.reshape(-1, folds.n), *grids, np.full(len(grids[0]), float(stats.scale)))
+
+
+def scaled_candidates(stats: list[Stats], c: int, dims: dict[str, Any], folds: Folds) -> Candidates:
+    """``grid_candidates`` of class c over the statistics of each scale in its grid (scaled mode), or of the one
+    statistics of hard / soft mode."""
+    if stats[0].mode == "soft" or "scale" not in dims or len(stats) == 1:
+        return grid_candidates(stats[0], c, dims, folds)
+    want = [float(v) for v in dims["scale"].values()]
+    return Candidates.concat([grid_candidates(s, c, dims, folds) for s in stats if float(s.scale) in want])
 
 
 def _grid_index(grid: np.ndarray, v: float, what: str) -> int:
@@ -195,45 +218,60 @@ def top_k(cand: Candidates, k: int) -> list[int]:
 # ------------------------------------------------------------------------------------ any parameters
 class Evaluator:
     """Dice of any thresholds on a store's statistics: grid points from ``Stats``, thresholds without
-    component removal from its histograms, anything else by labelling on demand (``LevelComponents``)."""
+    component removal from its histograms, anything else by labelling on demand (``LevelComponents``).
+
+    ``stats``: one ``Stats``, or (scaled mode) one per scale; the first serves hard mode and scale 0.
+    """
 
     def __init__(
-        self, stats: Stats, store: OOFStore | None = None, bound: float = 0.0, workers: int = 1,
+        self, stats: Stats | list[Stats], store: OOFStore | None = None, bound: float = 0.0, workers: int = 1,
         base: list[float] | None = None,
     ) -> None:  # fmt: skip
-        self.stats, self.store, self.workers, self.base = stats, store, workers, base
-        self.folds = Folds.of(stats.folds)
-        self.true_area = stats.true_area
-        self._levels: LevelComponents | None = None
+        all_stats = [stats] if isinstance(stats, Stats) else list(stats)
+        self.stats, self.store, self.workers, self.base = all_stats[0], store, workers, base
+        self.by_scale = {float(s.scale): s for s in all_stats}
+        self.folds = Folds.of(self.stats.folds)
+        self.true_area = self.stats.true_area
+        self._levels: dict[float, LevelComponents] = {}
         self._bound = float(bound)
 
-    def kept(self, c: int, pixel: float, min_component: float, mode: str) -> tuple[np.ndarray, np.ndarray]:
+    def stats_for(self, mode: str, scale: float = 0.0) -> Stats:
+        """The statistics that hold thresholds of ``mode`` at ``scale`` (scaled mode at scale 0 is hard)."""
+        key = float(scale) if mode == "scaled" else 0.0
+        st = self.by_scale.get(key)
+        want = "hard" if mode == "scaled" and key == 0 else mode
+        if st is None or st.mode != want:
+            have = ", ".join(f"{s.mode} scale {s.scale:g}" for s in self.by_scale.values())
+            raise ValueError(f"no statistics for mode {mode} scale {scale:g} (have {have})")
+        return st
+
+    def kept(
+        self, c: int, pixel: float, min_component: float, mode: str, scale: float = 0.0
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(kept area, kept intersection) (N,) of class c (0-based)."""
-        st = self.stats
-        if mode != st.mode:
-            raise ValueError(f"statistics are for mode {st.mode}, not {mode}")
+        st = self.stats_for(mode, scale)
         j = np.flatnonzero(np.abs(st.pixel - pixel) < 1e-9)
         k = np.flatnonzero(np.abs(st.comp - min_component) < 1e-9)
         if len(j) and len(k):
             return st.kept_area[c, j[0], k[0]].astype(np.int64), st.kept_inter[c, j[0], k[0]].astype(np.int64)
         if min_component <= st.s2:  # every component has size * s2 >= s2: nothing is removed
             rows = np.arange(st.n)
-            lv = (
-                level_index(np.array([pixel]), st.cls[:, c])[:, 0]
-                if mode == "soft"
-                else level_index([pixel])[0]
-            )
+            lv = image_levels(np.array([pixel]), st.cls[:, c], st.mode, st.scale)[:, 0]
             return st.ge_all[rows, c, lv].astype(np.int64), st.ge_true[rows, c, lv].astype(np.int64)
         if self.store is None:
             raise ValueError(f"pixel {pixel} / min_component {min_component} are not in the statistics' grid")
-        if self._levels is None or self._bound <= min_component:
+        if self._bound <= min_component:
             self._bound = max(self._bound, float(min_component) + 1.0)
-            self._levels = LevelComponents(self.store, st, mode, self._bound, self.workers, self.base)
-        return self._levels.get(c, pixel).kept(min_component, st.s2)
+            self._levels.clear()
+        levels = self._levels.get(float(st.scale))
+        if levels is None:
+            levels = LevelComponents(self.store, st, st.mode, self._bound, self.workers, self.base)
+            self._levels[float(st.scale)] = levels
+        return levels.get(c, pixel).kept(min_component, st.s2)
 
     def class_dice(self, c: int, p: ClassParams, mode: str) -> np.ndarray:
         """Dice (N,) of class c with thresholds p."""
-        area, inter = self.kept(c, p.pixel, p.min_component, mode)
+        area, inter = self.kept(c, p.pixel, p.min_component, mode, p.scale)
         t = self.true_area[c]
         keep = (self.stats.cls[:, c] >= np.float32(p.label)) & (area >= p.min_area)
         return np.where(keep, dice_from_counts(inter, area, t), (t == 0).astype(np.float64))

@@ -5,7 +5,8 @@ A study holds the search on one OOF store with one search space (study user attr
 say which; another store or space is refused, so the values in one study always compare). Trials have the
 16 parameters ``label_1, pixel_1, min_area_1, min_component_1, ..., min_component_4`` (TPE trials: the 8
 pixel / component ones, with label and min-area in the user attrs), their objective as value and each
-class's OOF Dice in the user attr ``dice``.
+class's OOF Dice in the user attr ``dice``. In scaled mode each class has a ``scale_C`` parameter as well (TPE:
+categorical over its grid, whose statistics are computed).
 """
 
 from __future__ import annotations
@@ -124,7 +125,7 @@ def _exact_distributions(cfg: dict[str, Any], default: Params) -> dict[str, Any]
 
     out = {}
     for c, (dims, dp) in enumerate(zip(cfg["dims"], default.classes), 1):
-        for k in PARAM_KEYS:
+        for k in default.keys():
             d, v = dims[k], getattr(dp, k)
             lo, hi = min(d.low, v), max(d.high, v)
             out[f"{k}_{c}"] = IntDistribution(int(lo), int(hi)) if d.integer else FloatDistribution(lo, hi)
@@ -133,7 +134,7 @@ def _exact_distributions(cfg: dict[str, Any], default: Params) -> dict[str, Any]
 
 def params_values(params: Params) -> dict[str, float | int]:
     """Optuna parameter values (``label_1``, ...) of a Params."""
-    return {f"{k}_{c}": getattr(p, k) for c, p in enumerate(params.classes, 1) for k in PARAM_KEYS}
+    return {f"{k}_{c}": getattr(p, k) for c, p in enumerate(params.classes, 1) for k in params.keys()}
 
 
 def record_exact(
@@ -224,12 +225,15 @@ class TPEObjective:
     def __init__(self, ev: Evaluator, cfg: dict[str, Any]) -> None:
         self.ev, self.cfg = ev, cfg
 
-    def solve(self, pixel: list[float], comp: list[float]) -> tuple[Params, float]:
-        """Best thresholds and objective for per-class pixel thresholds and component sizes (4,)."""
+    def solve(
+        self, pixel: list[float], comp: list[float], scale: list[float] | None = None
+    ) -> tuple[Params, float]:
+        """Best thresholds and objective for per-class pixel thresholds, component sizes (and scales) (4,)."""
         ev, cfg = self.ev, self.cfg
+        scale = scale or [0.0] * len(pixel)
         cands = []
         for c, dims in enumerate(cfg["dims"]):
-            area, inter = ev.kept(c, pixel[c], comp[c], cfg["mode"])
+            area, inter = ev.kept(c, pixel[c], comp[c], cfg["mode"], scale[c])
             labels = np.asarray(dims["label"].values(), np.float64)
             areas = np.asarray(dims["min_area"].values(), np.float64)
             sums = fold_tables(area, inter, ev.true_area[c], ev.stats.cls[:, c], ev.folds, labels, areas)
@@ -237,19 +241,28 @@ class TPEObjective:
             m = lab.size
             cands.append(
                 Candidates(
-                    sums.reshape(m, -1), np.full(m, pixel[c]), np.full(m, comp[c]), lab.ravel(), ar.ravel()
+                    sums.reshape(m, -1),
+                    np.full(m, pixel[c]),
+                    np.full(m, comp[c]),
+                    lab.ravel(),
+                    ar.ravel(),
+                    np.full(m, float(scale[c])),
                 )
             )
         sol = solve(cands, ev.folds, cfg["objective"], float(cfg["robust_k"]))
         return Params(tuple(c.params(m) for c, m in zip(cands, sol.choice)), cfg["mode"]), sol.value
 
     def __call__(self, trial: Any) -> float:
-        pixel, comp = [], []
+        pixel, comp, scale = [], [], []
         for c, dims in enumerate(self.cfg["dims"], 1):
             p, k = dims["pixel"], dims["min_component"]
             pixel.append(trial.suggest_float(f"pixel_{c}", p.low, p.high))
             comp.append(trial.suggest_float(f"min_component_{c}", float(k.low), float(k.high)))
-        params, value = self.solve(pixel, comp)
+            if self.cfg["mode"] == "scaled":  # only the scales the statistics were computed for
+                scale.append(
+                    trial.suggest_categorical(f"scale_{c}", [float(v) for v in dims["scale"].values()])
+                )
+        params, value = self.solve(pixel, comp, scale or None)
         for c, p in enumerate(params.classes, 1):
             trial.set_user_attr(f"label_{c}", p.label)
             trial.set_user_attr(f"min_area_{c}", p.min_area)
@@ -268,6 +281,9 @@ def run_tpe(
             for c, (cp, dims) in enumerate(zip(p.classes, objective.cfg["dims"]), 1):
                 for k in ("pixel", "min_component"):
                     values[f"{k}_{c}"] = float(np.clip(getattr(cp, k), dims[k].low, dims[k].high))
+                if objective.cfg["mode"] == "scaled":  # the grid's scale nearest to it
+                    grid = np.array([float(v) for v in dims["scale"].values()])
+                    values[f"scale_{c}"] = float(grid[np.abs(grid - cp.scale).argmin()])
             study.enqueue_trial(values, skip_if_exists=True)
     try:
         study.optimize(objective, n_trials=trials, show_progress_bar=progress and trials > 0)
@@ -277,10 +293,12 @@ def run_tpe(
 
 
 def params_of_trial(trial: Any, mode: str) -> Params:
-    """Thresholds of a finished trial (exact: its 16 parameters; TPE: 8 parameters + label / min-area attrs)."""
+    """Thresholds of a finished trial (exact: its 16 parameters; TPE: 8 parameters + label / min-area attrs;
+    scaled mode: and a scale per class)."""
     solved = {k: v for k, v in trial.user_attrs.items() if k.rsplit("_", 1)[0] in ("label", "min_area")}
     values = {**trial.params, **solved}
+    keys = (*PARAM_KEYS, "scale") if mode == "scaled" else PARAM_KEYS
     out = []
     for c in range(1, N_CLASSES + 1):
-        out.append(ClassParams(**{k: values[f"{k}_{c}"] for k in PARAM_KEYS}))
+        out.append(ClassParams(**{k: values[f"{k}_{c}"] for k in keys}))
     return Params(tuple(out), mode)

@@ -347,6 +347,7 @@ def write_synthetic_oof(
     progress: bool = False,
     full_res: bool = False,
     thin_lines: float = 0.0,
+    timid: float = 0.0,
 ) -> Path:
     """A random but structured OOF store for tests and benchmarks -> the oof dir.
 
@@ -354,7 +355,9 @@ def write_synthetic_oof(
     probabilities correlated with presence. ``full_res``: the maps are drawn at (height, width) and the
     store's writer takes every ``stride``-th pixel, so stores of one seed at different strides hold the same
     maps (else they are drawn at the strided size: faster). ``thin_lines``: share of class-2 images whose
-    defects are 1-px vertical scratches (also faint false lines), as in the Kaggle set.
+    defects are 1-px vertical scratches (also faint false lines), as in the Kaggle set. ``timid``: the mask
+    logits are shifted by ``-timid * (cls - 0.5)``, a segmenter that is the less sure the surer the classifier
+    is (scaled gating's case: the best pixel threshold falls with the class probability); 0 leaves them.
     """
     from steel.oof import OOFWriter, strided_shape
 
@@ -371,7 +374,7 @@ def write_synthetic_oof(
         for a in tqdm(range(0, n, chunk), desc="synthetic OOF", disable=not progress, dynamic_ncols=True):
             b = min(n, a + chunk) - a
             present = rng.random((b, N_CLASSES)) < present_p
-            masks = np.empty((b, N_CLASSES, h, w), np.float32)
+            logits: list[np.ndarray] = []
             truth = np.empty((b, N_CLASSES, h, w), np.uint8)
             for c in range(N_CLASSES):
                 field = _smooth(rng, b, h, w, cells[c])
@@ -385,7 +388,11 @@ def write_synthetic_oof(
                 )
                 if c == 1 and thin_lines:
                     _thin_lines(rng, logit, truth[:, c], present[:, c], thin_lines)
-                masks[:, c] = 1.0 / (1.0 + np.exp(-logit))
+                logits.append(logit)
             cls = 1.0 / (1.0 + np.exp(-(np.where(present, 2.0, -2.0) + rng.normal(0.0, 1.5, (b, N_CLASSES)))))
+            logit = np.stack(logits, 1)
+            if timid:
+                logit = logit - (timid * (cls - 0.5))[:, :, None, None].astype(logit.dtype)
+            masks = (1.0 / (1.0 + np.exp(-logit))).astype(np.float32)
             wr.write(np.arange(a, a + b), cls, masks, truth)
     return Path(oof_dir)

@@ -55,6 +55,14 @@ def write_thresholds(run: Path, pixel: float = 0.52, label: float = 0.49, min_ar
     )
 
 
+def write_scaled_thresholds(run: Path) -> None:
+    """write_thresholds' values in scaled mode, each class with its own scale (class 1's 0 is hard mode's)."""
+    from steel.postprocess import ClassParams, Params
+
+    classes = tuple(ClassParams(0.49, 0.52, 40, 8, scale) for scale in (0.0, 0.5, 1.0, 1.5))
+    Params(classes, "scaled").save(run / "thresholds.json", stride=1, trials=0)
+
+
 def make_run(root: Path, name: str, synth_dir: Path, folds_csv: Path, seed: int, input_size: list[int] | None = None,
              oof: bool = True, **thr: object) -> Path:  # fmt: skip
     """root/name: a 3-fold run dir of random tiny nets, with its OOF store and thresholds.json."""
@@ -84,7 +92,8 @@ def tiny_runs(tmp_path_factory, synth_dir: Path, folds_csv: Path) -> dict[str, P
 
 
 def exported_ensemble(tmp_path_factory, synth_dir: Path, folds_csv: Path) -> tuple[Path, Path]:
-    """(ensemble dir = mean blend of runs a and b with thresholds.json, its .pt2 export), once a session."""
+    """(ensemble dir = mean blend of runs a and b with thresholds.json (scaled mode), its .pt2 export), once a
+    session."""
     if "ens" not in _CACHE:
         from steel.blend import blend
         from steel.export import export
@@ -92,6 +101,6 @@ def exported_ensemble(tmp_path_factory, synth_dir: Path, folds_csv: Path) -> tup
         runs = tiny_runs(tmp_path_factory, synth_dir, folds_csv)
         root = tmp_path_factory.mktemp("ensemble")
         ens = blend([runs["a"], runs["b"]], root / "ens")
-        write_thresholds(ens)
+        write_scaled_thresholds(ens)
         _CACHE["ens"], _CACHE["pt"] = ens, export(ens, root / "ens.pt2", check=False)
     return _CACHE["ens"], _CACHE["pt"]

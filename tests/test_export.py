@@ -123,7 +123,7 @@ def test_component_sizes_static_kaggle_size_hard_shapes():
 
 @pytest.mark.parametrize("compact", [True, False])
 def test_postprocess_static_exported_equals_numpy(compact):
-    """Hard shapes, both gating modes and strides, some planes gated out: eager static == exported == numpy,
+    """Hard shapes, every gating mode, both strides, some planes gated out: eager static == exported == numpy,
     for any batch size of the exported program."""
     masks = hard_planes(40, 96).astype(np.float32)
     n = len(masks) // 4 * 4
@@ -136,20 +136,24 @@ def test_postprocess_static_exported_equals_numpy(compact):
     thr = (a["label"].float(), a["pixel"].float(), a["min_area"], a["min_component"])
 
     class Post(torch.nn.Module):
-        def __init__(self, soft: bool, stride: int) -> None:
+        def __init__(self, soft: bool, stride: int, scale: torch.Tensor | None) -> None:
             super().__init__()
-            self.soft, self.stride = soft, stride
+            self.soft, self.stride, self.scale = soft, stride, scale
 
         def forward(self, p: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-            return postprocess_static(p, c, *thr, self.soft, self.stride, compact)
+            return postprocess_static(p, c, *thr, self.soft, self.stride, compact, self.scale)
 
     batch = torch.export.Dim("batch", min=1, max=64)
-    for soft, stride in ((False, 1), (True, 2)):
-        ref = np.stack([postprocess(prob[i], cls[i], Params(params.classes, "soft" if soft else "hard"), stride)
-                        for i in range(len(prob))])  # fmt: skip
+    scaled = Params(tuple(ClassParams(**{**p.__dict__, "scale": s}) for p, s in zip(params.classes, (0, 0.5, 1, 1.9))),
+                    "scaled")  # fmt: skip
+    for mode, stride in (("hard", 1), ("soft", 2), ("scaled", 1)):
+        soft = mode == "soft"
+        rule = scaled if mode == "scaled" else Params(params.classes, mode)
+        scale = torch.from_numpy(rule.arrays()["scale"]).float() if mode == "scaled" else None
+        ref = np.stack([postprocess(prob[i], cls[i], rule, stride) for i in range(len(prob))])
         p, c = torch.from_numpy(prob), torch.from_numpy(cls)
-        assert np.array_equal(postprocess_static(p, c, *thr, soft, stride, compact).numpy(), ref)
-        ep = torch.export.export(Post(soft, stride), (p, c), dynamic_shapes=({0: batch}, {0: batch}))
+        assert np.array_equal(postprocess_static(p, c, *thr, soft, stride, compact, scale).numpy(), ref)
+        ep = torch.export.export(Post(soft, stride, scale), (p, c), dynamic_shapes=({0: batch}, {0: batch}))
         assert np.array_equal(ep.module()(p, c).numpy(), ref)
         assert np.array_equal(ep.module()(p[1:2], c[1:2]).numpy(), ref[1:2])
         assert ref.any() and not ref.all()
@@ -210,11 +214,12 @@ def test_pt2_runs_with_torch_alone_and_equals_steel_predict(exported, synth_dir,
     assert man == read_manifest(pt2)  # the zip entry, read without torch
     assert man["artifact"] == "pt2" and man["usage"] == "torch.export.load(path).module()(images)"
     assert man["labelling"] == "data-dependent sizes + while_loop" and man["device"] == "cpu"
-    assert man["thresholds"]["classes"]["1"] == {
+    assert man["thresholds"]["mode"] == "scaled" and man["thresholds"]["classes"]["4"] == {
         "label": 0.49,
         "pixel": 0.52,
         "min_area": 40,
         "min_component": 8,
+        "scale": 1.5,
     }
     assert (
         man["input_size"] == [None, [64, 352]]

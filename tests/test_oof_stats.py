@@ -11,15 +11,16 @@ import pytest
 
 from steel import oof_stats
 from steel.oof import OOFStore
-from steel.oof_stats import LevelComponents, compute_stats, level_index, load_or_compute_stats
-from steel.postprocess import ClassParams, Params
-from steel.sweep_config import load_config, sweep_grids
+from steel.oof_stats import LevelComponents, compute_stats, image_levels, level_index, load_or_compute_stats
+from steel.postprocess import ClassParams, Params, pixel_thresholds
+from steel.sweep_config import load_config, scale_grid, sweep_grids
 from steel.sweep_solver import (
     Evaluator,
     Folds,
     brute_force_dice,
     grid_candidates,
     objective_value,
+    scaled_candidates,
     solve,
     top_k,
 )
@@ -40,22 +41,35 @@ def small_config(tmp_path: Path, mode: str = "hard", objective: str = "mean"):
         f"mode: {mode}\nobjective: {objective}\nspace:\n"
         "  label: {low: 0.3, high: 0.75, step: 0.15}\n  pixel: {low: 0.35, high: 0.65, step: 0.15}\n"
         "  min_area: {low: 0, high: 300, step: 100}\n  min_component: {low: 0, high: 100, step: 50}\n"
+        "  scale: {low: 0, high: 1.2, step: 1.2}\n"
     )
     return load_config(f)
 
 
 def random_params(cfg, rng, mode) -> Params:
+    keys = Params(mode=mode).keys()
     out = []
     for dims in cfg["dims"]:
-        out.append(ClassParams(**{k: d.values()[int(rng.integers(d.n))] for k, d in dims.items()}))
+        out.append(
+            ClassParams(**{k: d.values()[int(rng.integers(d.n))] for k, d in dims.items() if k in keys})
+        )
     return Params(tuple(out), mode)
 
 
-@pytest.mark.parametrize("mode", ["hard", "soft"])
+def all_stats(store: OOFStore, cfg, mode: str, **kw) -> list:
+    """The statistics of every scale of the config (one in hard and soft mode)."""
+    return [
+        compute_stats(store, *sweep_grids(cfg), mode, scale=s, progress=False, **kw) for s in scale_grid(cfg)
+    ]
+
+
+@pytest.mark.parametrize("mode", ["hard", "soft", "scaled"])
 def test_statistics_equal_brute_force(store, mode):
     cfg = load_config(None)
-    stats = compute_stats(store, *sweep_grids(cfg), mode, chunk=16, progress=False)
-    assert not stats.full_res and stats.kept_area.shape == (4, 9, 7, 64)
+    cfg["mode"] = mode
+    stats = all_stats(store, cfg, mode, chunk=16)
+    assert [s.scale for s in stats] == ([0.0, 0.5, 1.0, 1.5] if mode == "scaled" else [0.0])
+    assert not stats[0].full_res and stats[0].kept_area.shape == (4, 9, 7, 64)
     ev = Evaluator(stats, store, bound=1000, base=[0.3] * 4)  # at or above 0.3: labelled on packed components
     rng = np.random.default_rng(0)
     comp_active = area_active = 0
@@ -72,14 +86,19 @@ def test_statistics_equal_brute_force(store, mode):
     for p in (Params.uniform(0.4, 0.123, 300, 0, mode), Params.uniform(0.45, 0.777, 0, 0, mode),
               Params.uniform(0.35, 0.456, 100, 73, mode), Params.uniform(0.5, 0.61, 0, 230, mode),
               Params.uniform(0.5, 0.25, 0, 120, mode)):  # fmt: skip
+        if mode == "scaled":  # at a scale of the grid
+            p = Params(tuple(ClassParams(**{**c.__dict__, "scale": 1.0}) for c in p.classes), mode)
         assert np.abs(ev.per_pair(p) - brute_force_dice(store, p)).max() <= 1e-9
+    if mode == "scaled":  # a scale without statistics is refused, not guessed
+        with pytest.raises(ValueError, match="no statistics for mode scaled scale 0.7"):
+            ev.per_pair(Params((ClassParams(scale=0.7),) * 4, "scaled"))
 
 
-@pytest.mark.parametrize("mode", ["hard", "soft"])
+@pytest.mark.parametrize("mode", ["hard", "soft", "scaled"])
 def test_components_on_packed_strips_equal_labelling_the_planes(store, mode):
     """A threshold at or above the base is labelled on the base's components cut out and packed: the same
     components as labelling every plane at that threshold."""
-    stats = compute_stats(store, np.array([0.5]), np.array([0.0]), mode, progress=False)
+    stats = compute_stats(store, np.array([0.5]), np.array([0.0]), mode, progress=False, scale=1.5)
     direct = LevelComponents(store, stats, mode, bound=1e9)
     packed = LevelComponents(store, stats, mode, bound=1e9, workers=2, base=[0.3, 0.32, 0.3, 0.4])
     for c, pixel in itertools.product(range(4), (0.4, 0.5, 0.577, 0.7, 0.9)):
@@ -99,17 +118,26 @@ def test_level_index_matches_thresholding():
     soft = level_index(pix, cls)
     for c, (j, t) in itertools.product(range(4), enumerate(pix)):
         assert soft[0, c, j] == int(((prob * cls[0, c]) < np.float32(t)).sum())
+    assert np.array_equal(image_levels(pix, cls, "soft"), soft)
+    assert np.array_equal(image_levels(pix, cls, "hard"), np.broadcast_to(level_index(pix), soft.shape))
+    assert np.array_equal(image_levels(pix, cls, "scaled", 0.0), image_levels(pix, cls, "hard"))
+    scaled = image_levels(pix, cls, "scaled", 1.5)  # prob >= pixel * (1 + 1.5 * (0.5 - cls))
+    for c, (j, t) in itertools.product(range(4), enumerate(pix)):
+        assert scaled[0, c, j] == int((prob < pixel_thresholds(t, cls[0, c], 1.5)).sum())
+    # cls 0.3 raises the threshold 0.3 to 0.3 * 1.3 = 0.39: levels 0..99 (99 / 255 = 0.388) are below it
+    assert scaled[0, 1, 1] == 100 and scaled[0, 3, 6] == int(np.ceil(0.7 * 0.25 * 255))
 
 
-@pytest.mark.parametrize("mode", ["hard", "soft"])
+@pytest.mark.parametrize("mode", ["hard", "soft", "scaled"])
 def test_exact_solver_equals_brute_force_on_every_grid_point(store, tmp_path, mode):
-    """Every (pixel, component, label, min-area) point of a small grid, brute-forced with steel.postprocess:
-    the solver's Dice sums per point and fold agree to 1e-9, and its choice is the brute-force best."""
+    """Every (pixel, component, label, min-area[, scale]) point of a small grid, brute-forced with
+    steel.postprocess: the solver's Dice sums per point and fold agree to 1e-9, and its choice is the
+    brute-force best."""
     cfg = small_config(tmp_path, mode)
-    stats = compute_stats(store, *sweep_grids(cfg), mode, progress=False)
+    stats = all_stats(store, cfg, mode)
     folds = Folds.of(store.folds)
-    cands = [grid_candidates(stats, c, cfg["dims"][c], folds) for c in range(4)]
-    assert len(cands[0].sums) == 3 * 3 * 4 * 4
+    cands = [scaled_candidates(stats, c, cfg["dims"][c], folds) for c in range(4)]
+    assert len(cands[0].sums) == 3 * 3 * 4 * 4 * (2 if mode == "scaled" else 1)
     brute = np.zeros((4, len(cands[0].sums), folds.n))
     for m in range(len(cands[0].sums)):  # the same point for all 4 classes: one postprocess pass each
         d = brute_force_dice(store, Params(tuple(c.params(m) for c in cands), mode))

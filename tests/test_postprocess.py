@@ -106,6 +106,52 @@ def test_soft_gating():
     assert fg(hard[2]) == BLOCK | PAIR | SINGLE
 
 
+def test_scaled_threshold_hand_computed():
+    """Scaled mode: prob >= pixel * (1 + scale * (0.5 - cls)). PLANE holds 0.9 (block), 0.8 (pair), 0.5
+    (single) and 0.49; pixel 0.6, scale 1, label 0.05 give per class probability these thresholds:
+    cls 0.95 -> 0.6 * 0.55 = 0.33 (all four), 0.8 -> 0.42 (all four), 0.5 -> 0.6 (block, pair),
+    0.1 -> 0.6 * 1.4 = 0.84 (block only); hard mode keeps block and pair at 0.6 whatever cls is."""
+    from steel._torch_postprocess import postprocess_static
+
+    p = Params(tuple([ClassParams(label=0.05, pixel=0.6, scale=1.0)] * 4), "scaled")
+    cls = np.array([0.95, 0.8, 0.5, 0.1], np.float32)
+    prob = np.stack([PLANE] * 4)
+    out = postprocess(prob, cls, p)
+    low = {(4, 0)}
+    assert [fg(m) for m in out] == [
+        BLOCK | PAIR | SINGLE | low,
+        BLOCK | PAIR | SINGLE | low,
+        BLOCK | PAIR,
+        BLOCK,
+    ]
+    hard = postprocess(prob, cls, Params(tuple([ClassParams(label=0.05, pixel=0.6)] * 4), "hard"))
+    assert [fg(m) for m in hard] == [BLOCK | PAIR] * 4
+    cls[3] = 0.04  # below the label gate: dropped in every mode
+    assert not postprocess(prob, cls, p)[3].any()
+    cls[3] = 0.1
+    # the eager and static torch versions make the same masks from the same numbers
+    a = {k: torch.from_numpy(v) for k, v in p.arrays().items()}
+    args = (torch.from_numpy(prob[None]), torch.from_numpy(cls[None]), a["label"], a["pixel"], a["min_area"],
+            a["min_component"], False, 1)  # fmt: skip
+    assert np.array_equal(postprocess_torch(*args, scale_thr=a["scale"])[0].numpy(), out)
+    assert np.array_equal(postprocess_static(*args, scale_thr=a["scale"])[0].numpy(), out)
+    assert np.array_equal(postprocess_torch(*args)[0].numpy(), hard)  # no scales: hard
+    # the threshold file: scale only in scaled mode, 0 <= scale < 2
+    assert p.to_dict()["classes"]["1"] == {
+        "label": 0.05,
+        "pixel": 0.6,
+        "min_area": 0,
+        "min_component": 0,
+        "scale": 1.0,
+    }
+    assert "scale" not in Params.uniform().to_dict()["classes"]["1"]
+    assert Params.from_dict(p.to_dict()) == p
+    with pytest.raises(SteelError, match="class 1 scale = 0.5 needs mode scaled, not hard"):
+        Params((ClassParams(scale=0.5),) * 4, "hard")
+    with pytest.raises(SteelError, match=r"class 1 scale = 2.0 is not a number in \[0, 2\)"):
+        Params((ClassParams(scale=2.0),) * 4, "scaled")
+
+
 def test_params_round_trip_and_errors(tmp_path):
     p = Params(
         (
@@ -283,36 +329,6 @@ def test_postprocess_torch_hard_shapes_match_numpy():
             assert ref.any() and not ref.all()
 
 
-@pytest.mark.filterwarnings(
-    "ignore::FutureWarning"
-)  # torch.jit.script is deprecated but still what export uses
-def test_scripted_equals_eager():
-    scripted_sizes = torch.jit.script(component_sizes_torch)
-    masks = torch.from_numpy(hard_planes(40, 96))
-    assert torch.equal(scripted_sizes(masks), component_sizes_torch(masks))
-    scripted = torch.jit.script(postprocess_torch)
-    rng = np.random.default_rng(5)
-    prob = torch.from_numpy(rng.random((3, 4, 40, 96), dtype=np.float32))
-    prob[0] = masks[:4].float()
-    cls = torch.from_numpy(rng.random((3, 4)).astype(np.float32))
-    for soft in (False, True):
-        for mc in ([0.0, 3.0, 30.0, 2.0], [5.0, 0.0, 0.0, 0.0]):
-            args = (
-                prob,
-                cls,
-                torch.full((4,), 0.3),
-                torch.full((4,), 0.5),
-                torch.tensor([0.0, 20.0, 0.0, 400.0]),
-                torch.tensor(mc),
-                soft,
-                1,
-            )
-            eager = postprocess_torch(*args)
-            with torch.jit.optimized_execution(False):  # as steel predict runs the exported module
-                assert torch.equal(scripted(*args), eager)
-            assert torch.equal(scripted(*args), eager)  # and with the profiling executor
-
-
 @pytest.mark.parametrize("stride", [1, 2])
 def test_postprocess_torch_area_exactly_min_area(stride):
     """A plane whose area is exactly min_area is labelled: removing a speck then drops it (numpy does too)."""
@@ -349,18 +365,20 @@ def test_remove_small_components_matches_scipy_eight_connectivity():
     assert np.array_equal(remove_small_components(m, 5), m & (size >= 5))
 
 
-@pytest.mark.filterwarnings(
-    "ignore::FutureWarning"
-)  # torch.jit.script is deprecated but still what export uses
-@pytest.mark.parametrize("scripted", [False, True])
-def test_numpy_torch_parity_random(scripted):
-    fn = torch.jit.script(postprocess_torch) if scripted else postprocess_torch
-    rng = np.random.default_rng(2 + scripted)
-    for _ in range(12):
+@pytest.mark.parametrize("static", [False, True])
+def test_numpy_torch_parity_random(static):
+    """numpy reference, eager torch and the static (exported) torch version agree bit for bit in every mode."""
+    from steel._torch_postprocess import postprocess_static
+
+    fn = postprocess_static if static else postprocess_torch
+    rng = np.random.default_rng(2 + static)
+    modes = []
+    for _ in range(15):
         b, h, w = 3, int(rng.integers(8, 30)), int(rng.integers(8, 40))
         prob = (rng.random((b, 4, h, w)) ** rng.uniform(0.3, 3)).astype(np.float32)
         prob = np.round(prob * 255).astype(np.float32) / 255  # quantised levels, thresholds hit exactly
         cls = rng.random((b, 4)).astype(np.float32)
+        mode = ("hard", "soft", "scaled")[_ % 3]
         params = Params(
             tuple(
                 ClassParams(
@@ -368,10 +386,11 @@ def test_numpy_torch_parity_random(scripted):
                     float(rng.choice([0.3, 0.4, 0.5, 0.6])),
                     float(rng.integers(0, 120)),
                     float(rng.choice([0, 4, 12, 30])),
+                    float(rng.choice([0.0, 0.5, 1.3, 1.9])) if mode == "scaled" else 0.0,
                 )
                 for _ in range(4)
             ),
-            str(rng.choice(["hard", "soft"])),
+            mode,
         )
         stride = int(rng.integers(1, 3))
         ref = np.stack([postprocess(prob[i], cls[i], params, stride) for i in range(b)])
@@ -385,8 +404,11 @@ def test_numpy_torch_parity_random(scripted):
             a["min_component"],
             params.mode == "soft",
             stride,
+            scale_thr=a.get("scale"),
         )
-        assert out.dtype == torch.bool and np.array_equal(out.numpy(), ref)
+        assert out.dtype == torch.bool and np.array_equal(out.numpy(), ref), params
+        modes.append(mode)
+    assert set(modes) == {"hard", "soft", "scaled"}
 
 
 def test_gating_params_one_meaning_per_mode() -> None:

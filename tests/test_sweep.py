@@ -81,6 +81,8 @@ def test_configs(tmp_path):
     bad("space:\n  min_area: {low: 0, high: 3000, step: 70}\n", "not a multiple of step")
     bad("space:\n  min_area: {low: 0, high: 30.5, step: 0.5}\n", "whole pixel counts")
     bad("space:\n  colour: {low: 0, high: 1, step: 1}\n", "space key 'colour'")
+    bad("space:\n  scale: {low: 0, high: 2, step: 0.5}\n", r"scale range \[0, 2\] must lie in \[0, 2\)")
+    bad("mode: gentle\n", "mode 'gentle' is not one of hard, soft, scaled")
     bad("classes:\n  5: {}\n", "classes key '5'")
     bad("objective: median\n", "objective 'median'")
     bad("search: grid\n", "search 'grid'")
@@ -172,6 +174,47 @@ def test_tpe_search_in_a_journal_file(run_dir, tmp_path):
     exact = steel_in_process("sweep", run_dir, "--storage", f"journal://{tmp_path / 'exact.log'}")
     assert exact.returncode == 0  # TPE started from the grid's exact best, so it is at least as good
     assert study.best_value >= thresholds(run_dir)["oof_dice"]["objective"] - 1e-12
+
+
+def test_scaled_mode_sweep_exact_and_tpe(tmp_path):
+    """``mode: scaled``: the exact search also picks a scale per class (one statistics pass per scale; scale 0 is
+    hard mode, so the result is at least the hard sweep's), thresholds.json holds the scales, and its dice is
+    steel.postprocess's on the store; TPE suggests the scales among the grid's. The store's segmenter is timid
+    where the classifier is sure (``timid``): there, scaling the threshold by the class probability pays."""
+    run_dir = tmp_path / "run"
+    write_synthetic_oof(run_dir / "oof", 64, height=64, width=320, stride=2, n_folds=3, seed=5, timid=4.0)
+    cfg = tmp_path / "scaled.yaml"
+    cfg.write_text("mode: scaled\nspace:\n  scale: {low: 0, high: 1.5, step: 0.5}\n")
+    assert (
+        steel_in_process("sweep", run_dir, "--storage", f"journal://{tmp_path / 'hard.log'}").returncode == 0
+    )
+    hard = thresholds(run_dir)
+    proc = steel_in_process("sweep", run_dir, "--config", cfg, "--storage", f"journal://{tmp_path / 's.log'}")
+    assert proc.returncode == 0
+    out = thresholds(run_dir)
+    best = Params.load(run_dir)
+    assert out["mode"] == best.mode == "scaled" and set(out["classes"]["1"]) >= {"scale", "pixel", "label"}
+    assert all(p.scale in (0.0, 0.5, 1.0, 1.5) for p in best.classes) and any(
+        p.scale > 0 for p in best.classes
+    )
+    bf = brute_force_dice(OOFStore(run_dir), best)
+    assert abs(out["oof_dice"]["mean"] - bf.mean()) <= 1e-9
+    assert out["oof_dice"]["mean"] > hard["oof_dice"]["mean"] + 0.005, (out["oof_dice"], hard["oof_dice"])
+    assert len(list((run_dir / "oof").glob("stats-*.npz"))) >= 4  # hard + scales 0.5, 1, 1.5
+    assert "scale" in proc.stdout
+    # TPE in scaled mode: scale_C categorical over the grid; the trial values are brute force's
+    tpe = steel_in_process("sweep", run_dir, "--config", cfg, "--trials", 4, "--seed", 1, "--storage",
+                           f"journal://{tmp_path / 't.log'}")  # fmt: skip
+    assert tpe.returncode == 0
+    storage = optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "t.log"))
+    )
+    study = optuna.load_study(study_name=thresholds(run_dir)["study_name"], storage=storage)
+    from steel.sweep_study import params_of_trial
+
+    for t in study.get_trials(deepcopy=False):
+        assert {f"scale_{c}" for c in range(1, 5)} <= set(t.params)
+        assert abs(t.value - brute_force_dice(OOFStore(run_dir), params_of_trial(t, "scaled")).mean()) <= 1e-9
 
 
 def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
