@@ -1,4 +1,5 @@
-"""Post-processing speed on CPU: ``postprocess_torch`` (eager and ``torch.jit.script``-ed) against the previous
+"""Post-processing speed on CPU: ``postprocess_torch`` (eager), ``postprocess_static`` (eager and through
+``torch.export``, as ``steel export`` runs it) against the previous
 iterative torch labelling (copied below as the baseline) and the numpy/cv2 ``postprocess``, same inputs, same run.
 
     python benchmarks/bench_postprocess.py [--n 8] [--height 256] [--width 1600] [--repeat 3] [--threads 1]
@@ -10,16 +11,14 @@ which leaves scattered false-positive specks above the threshold; class probabil
 uniform [0, 0.6] for absent ones. Thresholds: label 0.5, pixel 0.5, min_component 150 / 150 / 600 / 1000,
 min_area 300 / 300 / 1000 / 2000 (component labelling runs on every plane that passes the label gate with
 at least min_area pixels).
-All four implementations must give identical masks (checked). Times are the best of ``--repeat`` runs (the
-baseline runs once: it takes long, ~1.5 min for either input). The scripted function runs under
-``torch.jit.optimized_execution(False)``, as ``steel predict`` runs an exported ensemble.
+All implementations must give identical masks (checked). Times are the best of ``--repeat`` runs (the
+baseline runs once: it takes long, ~1.5 min for either input).
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-import warnings
 
 import cv2
 import numpy as np
@@ -136,9 +135,13 @@ def main() -> None:
     t_args = {k: torch.from_numpy(v) for k, v in params.arrays().items()}
     tp, tc = torch.from_numpy(prob), torch.from_numpy(cls)
     args = (tp, tc, t_args["label"], t_args["pixel"], t_args["min_area"], t_args["min_component"], False, 1)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        scripted = torch.jit.script(postprocess_torch)
+    from steel._torch_postprocess import postprocess_static
+
+    class Static(torch.nn.Module):
+        def forward(self, p: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+            return postprocess_static(p, c, *args[2:])
+
+    exported = torch.export.export(Static(), (tp, tc)).module()
     mask = prob >= 0.5
     gated = int(((cls >= 0.5)[:, :, None, None] & mask).any((2, 3)).sum())
     print(
@@ -155,11 +158,12 @@ def main() -> None:
     t_eager, out = best_of(lambda: postprocess_torch(*args).numpy(), a.repeat)
     assert np.array_equal(out, ref), "eager postprocess_torch differs from numpy"
     rows.append(("postprocess_torch, eager", t_eager))
-    with torch.jit.optimized_execution(False):  # as steel predict runs the exported module
-        scripted(*args)
-        t_script, out = best_of(lambda: scripted(*args).numpy(), a.repeat)
-    assert np.array_equal(out, ref), "scripted postprocess_torch differs from numpy"
-    rows.append(("postprocess_torch, torch.jit.script", t_script))
+    t_static, out = best_of(lambda: postprocess_static(*args).numpy(), a.repeat)
+    assert np.array_equal(out, ref), "eager postprocess_static differs from numpy"
+    rows.append(("postprocess_static, eager", t_static))
+    t_exp, out = best_of(lambda: exported(tp, tc).numpy(), a.repeat)
+    assert np.array_equal(out, ref), "exported postprocess_static differs from numpy"
+    rows.append(("postprocess_static, torch.export (as steel export)", t_exp))
     if not a.no_baseline:
         t_old, out = best_of(lambda: old_postprocess_torch(*args).numpy(), 1)
         assert np.array_equal(out, ref), "baseline differs from numpy"

@@ -1,8 +1,6 @@
-"""TwoHeadNet: output contract, normalisation inside, grey->RGB repeat, TorchScript trace, resizing helper."""
+"""TwoHeadNet: output contract, normalisation inside, grey->RGB repeat, torch.export, resizing helper."""
 
 from __future__ import annotations
-
-import warnings
 
 import pytest
 import torch
@@ -57,17 +55,21 @@ def test_normalisation_inside_and_grey_repeat() -> None:
         TwoHeadNet("FPN", TINY_ENC, in_channels=2)
 
 
-def test_jit_trace_matches_eager(net: TwoHeadNet) -> None:
+def test_torch_export_matches_eager(net: TwoHeadNet) -> None:
+    """The net goes through torch.export (what ``steel export`` uses) with a dynamic batch and gives the eager
+    outputs (TorchScript, deprecated in torch, is no longer used anywhere)."""
+    from steel.export import exportable
+
     torch.manual_seed(1)
     x = torch.rand(2, 1, 64, 320)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        traced = torch.jit.trace(net, x, strict=False)
+    batch = torch.export.Dim("batch", min=1, max=8)
+    ep = torch.export.export(exportable(net), (x,), dynamic_shapes=({0: batch},))
+    run = ep.module()
     with torch.no_grad():
-        for inp in (x, torch.rand(2, 1, 64, 320), torch.rand(1, 1, 64, 320)):
-            eager, script = net(inp), traced(inp)
-            torch.testing.assert_close(script["mask"], eager["mask"], rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(script["label"], eager["label"], rtol=1e-5, atol=1e-5)
+        for inp in (x, torch.rand(3, 1, 64, 320), torch.rand(1, 1, 64, 320)):
+            eager, exported = net(inp), run(inp)
+            torch.testing.assert_close(exported["mask"], eager["mask"], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(exported["label"], eager["label"], rtol=1e-5, atol=1e-5)
 
 
 def test_mask_prior_sets_initial_probability() -> None:
