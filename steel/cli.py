@@ -167,8 +167,11 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``steel`` command line; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("WANDB_MODE", "offline")
-    if not argv or argv[0] not in COMMANDS:
-        _parser().parse_args(argv or ["--help"])
+    if not argv:  # no command: the help, and a failing status (nothing was done)
+        _parser().print_help()
+        return 2
+    if argv[0] not in COMMANDS:
+        _parser().parse_args(argv)
         return 2
     name = argv[0]
     try:

@@ -29,7 +29,8 @@ def test_help_lists_every_command(monkeypatch):
     }
     assert core <= set(COMMANDS)  # the CLI contract of ARCHITECTURE.md
     assert steel_in_process("--version").stdout.strip() == f"steel {__version__}"
-    bare = steel_in_process()  # no command: the same help
+    bare = steel_in_process(check=False)  # no command: the same help, and exit status 2 (nothing was done)
+    assert bare.returncode == 2
     assert re.findall(r"^    (\w+)\s{2,}", bare.stdout, flags=re.MULTILINE) == list(COMMANDS)
 
 
