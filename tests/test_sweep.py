@@ -228,9 +228,11 @@ def one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
 
 
 def test_user_errors_end_in_one_line(run_dir, tmp_path):
-    proc = run_steel("sweep", tmp_path, check=False)  # real processes: exit status and one line
+    proc = run_steel("sweep", tmp_path, check=False)  # a real process: exit status and one line
     one_line_error(proc, f"{tmp_path}: no OOF store")
-    proc = run_steel("sweep", run_dir, "--storage", "sqlite:////nonexistent/steel-dir/x.db", check=False)
+    proc = steel_in_process(
+        "sweep", run_dir, "--storage", "sqlite:////nonexistent/steel-dir/x.db", check=False
+    )
     one_line_error(
         proc, "sqlite:////nonexistent/steel-dir/x.db", "directory /nonexistent/steel-dir does not exist"
     )
