@@ -4,6 +4,7 @@ step against a plain torch loop on the same model and batch (ratios measured in 
     python benchmarks/bench_train.py [--data-dir DIR] [--n-images 240] [--workers 2] [--crop 256 512]
                                      [--models Unet:resnet18] [--batch 4] [--steps 10] [--precision 32-true]
                                      [--channels-last off|on|both] [--device auto|cpu|cuda]
+                                     [--loader-only]
     python benchmarks/bench_train.py --cuda   # GPU preset: Unet/FPN efficientnet-b3, batch 16, bf16, NHWC on/off
 
 Data: Kaggle-size synthetic images (``steel synth``, 256x1600) unless ``--data-dir`` names a Kaggle-layout dir.
@@ -349,6 +350,7 @@ def main() -> None:
         help="plain/Lightning measured alternately this many times (best kept)",
     )
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--loader-only", action="store_true", help="measure the loader only (no training steps)")
     p.add_argument(
         "--precision",
         default="32-true",
@@ -416,6 +418,8 @@ def main() -> None:
             f" ratio {ms_decode / ms_loader if ms_loader > 0 else float('nan'):.3f}"  # clock ticks: 10 ms
         )
 
+        if args.loader_only:
+            return
         batch = make_batch(data_dir, folds, args.batch, args.crop)
         if device == "cuda":  # as the loader hands it over with pin_memory
             batch = {k: v.pin_memory() if torch.is_tensor(v) else v for k, v in batch.items()}

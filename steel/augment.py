@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from steel.errors import SteelError
-from steel.rle import RunMasks
+from steel.rle import RunMasks, pack_masks
 
 Masks = np.ndarray | RunMasks
 
@@ -126,6 +126,16 @@ class DefectAwareCrop:
     def __call__(
         self, image: np.ndarray, masks: Masks, rng: np.random.Generator | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
+        image, masks, y0, x0 = self.place(image, masks, rng)
+        if isinstance(masks, RunMasks):
+            return image, masks.window(y0, x0, self.h, self.w)
+        return image, masks[:, y0 : y0 + self.h, x0 : x0 + self.w]
+
+    def place(
+        self, image: np.ndarray, masks: Masks, rng: np.random.Generator | None = None
+    ) -> tuple[np.ndarray, Masks, int, int]:
+        """(image window (view), masks (reflect-padded arrays if the input was small), y0, x0): the window
+        ``__call__`` cuts, before the masks are cut."""
         rng = np.random.default_rng() if rng is None else rng
         H, W = image.shape[:2]
         if H < self.h or W < self.w:
@@ -144,10 +154,7 @@ class DefectAwareCrop:
         if self.avoid_black and pixel is None and mostly_black(image[rows, x0 : x0 + self.w]):
             ends = [x for x in (0, W - self.w) if not mostly_black(image[rows, x : x + self.w])]
             x0 = int(rng.choice(ends)) if ends else W - self.w
-        image = image[y0 : y0 + self.h, x0 : x0 + self.w]
-        if isinstance(masks, RunMasks):
-            return image, masks.window(y0, x0, self.h, self.w)
-        return image, masks[:, y0 : y0 + self.h, x0 : x0 + self.w]
+        return image[y0 : y0 + self.h, x0 : x0 + self.w], masks, y0, x0
 
 
 class TrainTransform:
@@ -186,6 +193,28 @@ class TrainTransform:
             self._seed, self._rng = seed, np.random.default_rng(seed)
             self.augs.set_random_state(np.random.default_rng([seed, 1]), random.Random(seed))
         return self._rng
+
+    def packed(self, image: np.ndarray, masks: Masks) -> tuple[np.ndarray, np.ndarray]:
+        """``self(image, masks)`` with the masks as ``steel.rle.pack_masks`` gives them: uint8 (h, w), bit c set
+        where mask c is (C <= 8). The same pixels and random draws as ``__call__``; for RunMasks without
+        resize or blackout the window is decoded straight into the bits and the augmentations see one
+        packed mask (every mask transform here moves pixels, nearest-neighbour, or leaves them)."""
+        if self.resize is not None or self.blackout is not None or not isinstance(masks, RunMasks):
+            image, masks = self(image, masks)
+            return image, pack_masks(masks)
+        rng = self._generator()
+        if self.crop is not None:
+            image, masks, y0, x0 = self.crop.place(image, masks, rng)
+            h, w = self.crop.h, self.crop.w
+        else:
+            (y0, x0), (h, w) = (0, 0), image.shape
+        bits = masks.packed_window(y0, x0, h, w) if isinstance(masks, RunMasks) else pack_masks(
+            masks[:, y0 : y0 + h, x0 : x0 + w])  # fmt: skip
+        image = np.ascontiguousarray(image)
+        if self.augs.transforms:
+            out = self.augs(image=image, mask=bits) if bits.any() else self.augs(image=image)
+            image, bits = np.ascontiguousarray(out["image"]), np.ascontiguousarray(out.get("mask", bits))
+        return image, bits
 
     def __call__(self, image: np.ndarray, masks: Masks) -> tuple[np.ndarray, np.ndarray]:
         rng = self._generator()

@@ -28,13 +28,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from steel import N_CLASSES
-from steel.augment import build_train_transform
+from steel.augment import TrainTransform, build_train_transform
 from steel.errors import SteelError
 from steel.folds import split
 from steel.images import read_grey  # truncated/corrupt files: SteelError naming them
 from steel.labels import CLASSES, list_images, read_train
 from steel.lifecycle import WorkerInit
-from steel.rle import RunMasks
+from steel.rle import RunMasks, pack_masks
 
 cv2.setNumThreads(0)  # workers parallelise; OpenCV's own threads only oversubscribe the cores
 
@@ -64,6 +64,10 @@ class SteelDataset(Dataset):
         self.rles = table[RLE_COLS].to_numpy().tolist() if with_masks else None
         self.shape = tuple(shape) if shape is not None else table.attrs.get("shape")
         self.transform = transform
+        # RLE runs parsed once (a crop then decodes only its window); forked loader workers share them
+        self.masks = None
+        if with_masks and self.shape is not None:
+            self.masks = [RunMasks(r, self.shape) for r in self.rles]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -77,24 +81,15 @@ class SteelDataset(Dataset):
             raise SteelError(
                 f"{self.images_dir / image_id}: image is {img.shape[0]}x{img.shape[1]}, labels expect {self.shape[0]}x{self.shape[1]}"
             )
-        masks = RunMasks(self.rles[i], img.shape)  # RLE runs: a crop decodes only its window
-        if self.transform is not None:
+        masks = self.masks[i] if self.masks is not None else RunMasks(self.rles[i], img.shape)
+        if isinstance(self.transform, TrainTransform):  # the window decoded straight into the mask bits
+            img, packed = self.transform.packed(img, masks)
+        elif self.transform is not None:
             img, m = self.transform(img, masks)
+            packed = pack_masks(m)
         else:
-            m = masks.decode()
-        return {
-            "image": torch.from_numpy(img)[None],
-            "mask": torch.from_numpy(pack_masks(m)),
-            "image_id": image_id,
-        }
-
-
-def pack_masks(masks: np.ndarray) -> np.ndarray:
-    """Masks uint8 (C, H, W) 0/1, C <= 8 -> uint8 (H, W) with bit c set where mask c is."""
-    out = np.zeros(masks.shape[1:], np.uint8)
-    for c in np.flatnonzero(masks.any(axis=(1, 2))):  # a loop over the classes that have pixels
-        out |= masks[c] << np.uint8(c)
-    return out
+            packed = masks.packed_window(0, 0, *masks.shape)
+        return {"image": torch.from_numpy(img)[None], "mask": torch.from_numpy(packed), "image_id": image_id}
 
 
 def unpack_masks(packed: torch.Tensor, n: int = N_CLASSES) -> torch.Tensor:

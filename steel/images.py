@@ -21,6 +21,11 @@ _PNG = b"\x89PNG\r\n\x1a\n"
 def _check_complete(data: bytes, path: str | os.PathLike) -> None:
     """SteelError if a JPEG or PNG byte string ends early (no end-of-image marker after the last scan)."""
     if data.startswith(_SOI):
+        # the usual case, checked without scanning the file: it ends with an end-of-image marker (zero
+        # padding aside) and has a start-of-scan; that EOI is then the last one, after every scan, which is
+        # what the full check below asks (here a start-of-scan is found near the file's start)
+        if data[-64:].rstrip(b"\0").endswith(_EOI) and data.find(_SOS, 2) >= 0:
+            return
         # entropy-coded data never holds FF D9 (FF bytes are stuffed), so the real end marker is the last
         # one and follows the last start-of-scan; an embedded thumbnail's EOI comes before the main scans
         sos = data.rfind(_SOS)

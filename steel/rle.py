@@ -134,6 +134,37 @@ class RunMasks:
         p = int(starts[i]) + k - int(before[i] - (ends[i] - starts[i]))
         return p % self.shape[0], p // self.shape[0]
 
+    def _spans(self, c: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Runs of mask c clipped to pixel numbers [lo, hi), shifted to start at lo; None when none fall there."""
+        starts, ends = self.runs[c]
+        i0, i1 = np.searchsorted(ends, lo, side="right"), np.searchsorted(starts, hi, side="left")
+        if i0 >= i1:
+            return None
+        return np.maximum(starts[i0:i1], lo) - lo, np.minimum(ends[i0:i1], hi) - lo
+
+    def packed_window(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        """uint8 (h, w) of rows y0:y0+h and columns x0:x0+w with bit c set where mask c is (``pack_masks`` of
+        ``window``, C <= 8), decoded straight into the bits."""
+        H = self.shape[0]
+        lo, hi = x0 * H, (x0 + w) * H
+        cols = None
+        for c in self.present:
+            spans = self._spans(c, lo, hi)
+            if spans is None:
+                continue
+            s, e = spans
+            if cols is None:
+                cols = np.zeros(w * H, np.uint8)  # column-major buffer of the window's columns
+            # runs and the gaps between them as alternating bit/0 segments, from the first start to the last end
+            counts = np.empty(2 * s.size - 1, np.int64)
+            counts[0::2], counts[1::2] = e - s, s[1:] - e[:-1]
+            bits = np.zeros(counts.size, np.uint8)
+            bits[0::2] = 1 << int(c)
+            cols[s[0] : e[-1]] |= np.repeat(bits, counts)
+        if cols is None:
+            return np.zeros((h, w), np.uint8)
+        return cv2.transpose(cols.reshape(w, H)[:, y0 : y0 + h])  # (w, h) -> (h, w), vectorised
+
     def window(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
         """Masks (C, h, w) uint8 0/1 of rows y0:y0+h and columns x0:x0+w (inside the image)."""
         H = self.shape[0]
@@ -141,12 +172,10 @@ class RunMasks:
         lo, hi = x0 * H, (x0 + w) * H  # the window's columns are one span of column-major pixel numbers
         cols = None
         for c in self.present:
-            starts, ends = self.runs[c]
-            i0, i1 = np.searchsorted(ends, lo, side="right"), np.searchsorted(starts, hi, side="left")
-            if i0 >= i1:
+            spans = self._spans(c, lo, hi)
+            if spans is None:
                 continue
-            s = np.maximum(starts[i0:i1], lo) - lo
-            e = np.minimum(ends[i0:i1], hi) - lo
+            s, e = spans
             if cols is None:
                 cols = np.empty(w * H, np.uint8)  # column-major buffer of the window's columns
             # runs and the gaps between them as alternating 1/0 segments, written from the first start to the last end
@@ -163,3 +192,11 @@ class RunMasks:
     def decode(self) -> np.ndarray:
         """All masks (C, H, W) uint8 0/1."""
         return self.window(0, 0, *self.shape)
+
+
+def pack_masks(masks: np.ndarray) -> np.ndarray:
+    """Masks uint8 (C, H, W) 0/1, C <= 8 -> uint8 (H, W) with bit c set where mask c is."""
+    out = np.zeros(masks.shape[1:], np.uint8)
+    for c in np.flatnonzero(masks.any(axis=(1, 2))):  # a loop over the classes that have pixels
+        out |= masks[c] << np.uint8(c)
+    return out

@@ -24,6 +24,7 @@ from steel.data import (
 )
 from steel.errors import SteelError
 from steel.folds import split
+from steel.images import read_grey
 from steel.labels import masks_of, read_train
 from steel.rle import RunMasks
 
@@ -312,3 +313,72 @@ def test_predict_set(synth_dir: Path, folds_csv: Path) -> None:
     assert batch["image"].shape == (5, 1, 64, 320) and "mask" not in batch
     assert batch["image"].dtype == torch.float32 and 0 <= batch["image"].min() <= batch["image"].max() <= 1
     assert len(dm.predict_set) == 20
+
+
+@pytest.mark.parametrize("name", sorted(AUGMENTS))
+def test_packed_pipeline_gives_the_same_pixels_and_masks(
+    name: str, synth_dir: Path, table: pd.DataFrame
+) -> None:
+    """``TrainTransform.packed`` (the dataset's path: the window decoded straight into mask bits, one packed
+    mask through the augmentations) = ``pack_masks`` of the plain pipeline, image pixels and random draws
+    included, for every named pipeline and crop option; and a training item is exactly that."""
+    options = [
+        {"crop": [32, 96], "defect_crop_p": 0.5},
+        {"crop": [32, 64], "avoid_black": True},
+        {"crop": [128, 384]},  # larger than the 64x320 images: reflect-padded arrays
+        {},  # no crop: the whole image
+        {"crop": [32, 64], "resize": [32, 160]},  # resize and blackout: the plain path, packed at the end
+        {"crop": [32, 64], "blackout_p": 1.0},
+    ]
+    images = [read_grey(synth_dir / "train_images" / i) for i in table.ImageId[:16]]
+    runs = [RunMasks(table.loc[i, [f"rle_{c}" for c in range(1, 5)]].tolist(), (64, 320)) for i in range(16)]
+    defects = 0
+    for kw in options:
+        torch.manual_seed(7)  # each transform seeds its generator from torch's seed on first use
+        plain, packed = build_train_transform(name, **kw), build_train_transform(name, **kw)
+        ds = SteelDataset(synth_dir / "train_images", table, transform=build_train_transform(name, **kw))
+        for k in range(16):
+            img_a, masks_a = plain(images[k], runs[k])
+            img_b, bits = packed.packed(images[k], runs[k])
+            item = ds[k]
+            assert bits.dtype == np.uint8 and bits.shape == img_b.shape == img_a.shape
+            np.testing.assert_array_equal(img_b, img_a)
+            np.testing.assert_array_equal(bits, pack_masks(masks_a))
+            np.testing.assert_array_equal(item["image"][0].numpy(), img_a)
+            np.testing.assert_array_equal(item["mask"].numpy(), bits)
+            defects += int(bits.any())
+    assert defects >= 20  # masks with pixels went through the augmentations, not only empty ones
+
+
+def test_read_grey_completeness_check(synth_dir: Path, tmp_path: Path) -> None:
+    """A complete JPEG (zero padding or other bytes after its end marker included) reads as OpenCV reads it;
+    one that ends early, or has no scan, is a SteelError naming the file. The same for PNG."""
+    src = synth_dir / "train_images" / sorted(p.name for p in (synth_dir / "train_images").iterdir())[0]
+    data, want = src.read_bytes(), cv2.imread(str(src), cv2.IMREAD_GRAYSCALE)
+    assert data.startswith(b"\xff\xd8") and data.endswith(b"\xff\xd9")
+    cases = {
+        "plain.jpg": data,
+        "padded.jpg": data + b"\0" * 10,
+        "long_padding.jpg": data + b"\0" * 1000,  # past the tail the quick check looks at: the full scan
+        "trailing.jpg": data + b"some trailer",
+    }
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        np.testing.assert_array_equal(read_grey(tmp_path / name), want)
+    sos = data.find(b"\xff\xda")
+    bad = {
+        "half.jpg": data[: len(data) // 2],
+        "cut_before_end.jpg": data[:-2],
+        "padded_cut.jpg": data[: len(data) * 2 // 3] + b"\0" * 10,
+        "no_scan.jpg": data[:sos] + b"\xff\xd9",  # headers and an end marker, no image data
+    }
+    for name, content in bad.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(SteelError, match=f"{name}: truncated or corrupt JPEG"):
+            read_grey(tmp_path / name)
+    ok, png = cv2.imencode(".png", want)
+    (tmp_path / "whole.png").write_bytes(png.tobytes())
+    np.testing.assert_array_equal(read_grey(tmp_path / "whole.png"), want)
+    (tmp_path / "cut.png").write_bytes(png.tobytes()[: len(png) // 2])
+    with pytest.raises(SteelError, match="cut.png: truncated or corrupt PNG"):
+        read_grey(tmp_path / "cut.png")

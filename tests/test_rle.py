@@ -77,6 +77,39 @@ def test_run_masks_window_equals_slice_of_decode(masks, data):
         assert [runs.pixel(c, k) for k in range(int(runs.areas[c]))] == list(zip(ys.tolist(), xs.tolist()))
 
 
+@settings(max_examples=150, deadline=None)
+@given(
+    arrays(
+        np.uint8,
+        st.tuples(st.integers(1, 8), st.integers(1, 12), st.integers(1, 30)),
+        elements=st.integers(0, 1),
+    ),
+    st.data(),
+)
+def test_packed_window_is_the_packed_masks_window(masks, data):
+    """The window decoded straight into bits = ``pack_masks`` of the decoded window (overlapping classes too)."""
+    C, H, W = masks.shape
+    runs = rle.RunMasks([rle.encode(m) for m in masks], (H, W))
+    y0, x0 = data.draw(st.integers(0, H - 1)), data.draw(st.integers(0, W - 1))
+    h, w = data.draw(st.integers(1, H - y0)), data.draw(st.integers(1, W - x0))
+    packed = runs.packed_window(y0, x0, h, w)
+    assert packed.dtype == np.uint8 and packed.shape == (h, w)
+    want = (masks[:, y0 : y0 + h, x0 : x0 + w] << np.arange(C, dtype=np.uint8)[:, None, None]).sum(
+        0, dtype=np.uint8
+    )
+    np.testing.assert_array_equal(packed, want)
+    np.testing.assert_array_equal(rle.pack_masks(masks[:, y0 : y0 + h, x0 : x0 + w]), want)
+
+
+def test_packed_window_by_hand():
+    # 3x4 image; class 0: pixels 2-4 (column 0 rows 1-2, column 1 row 0); class 2: pixels 4-6 (all of column 1)
+    runs = rle.RunMasks(["2 3", "", "4 3"], (3, 4))
+    full = np.array([[0, 5, 0, 0], [1, 4, 0, 0], [1, 4, 0, 0]], np.uint8)
+    np.testing.assert_array_equal(runs.packed_window(0, 0, 3, 4), full)
+    np.testing.assert_array_equal(runs.packed_window(1, 1, 2, 2), full[1:3, 1:3])
+    assert not rle.RunMasks(["", "", ""], (3, 4)).packed_window(0, 0, 3, 4).any()
+
+
 def test_run_masks_rejects_malformed():
     with pytest.raises(ValueError, match="overlap"):
         rle.RunMasks(["", "1 5 3 1"], (3, 4))
