@@ -24,12 +24,14 @@ from steel.errors import SteelError
 from steel.launch import Fold, LocalLauncher, error_line, parse_folds, parse_gpus
 from steel.oof import OOFStore
 from steel.rundir import fold_done
-from tests.conftest import run_steel
+from tests.conftest import make_synth, run_steel, steel_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "experiments" / "tiny.yaml"
+# the launched folds: 2 epochs of one step (12 whole 32x160 images, batches of 8), validated after each epoch
+LAUNCH_SHAPE = (32, 160)
 FAST = ["--trainer.max_epochs", "2", "--trainer.check_val_every_n_epoch", "1", "--data.batch_size", "8",
-        "--trainer.log_every_n_steps", "1"]  # fmt: skip
+        "--data.train_crop", "null", "--trainer.log_every_n_steps", "1"]  # fmt: skip
 
 # a fake `steel fit` that leaves a finished fold (fold_done: best.ckpt, last.ckpt, metrics.json "complete")
 FINISHED_FOLD = (
@@ -165,12 +167,14 @@ def test_slurm_request_checks_against_partitions():
             check_request(req(**kw), parts)
 
 
-def _launch(*args: object, check: bool = False, timeout: float = 600) -> subprocess.CompletedProcess:
-    return run_steel("launch", "--config", TINY, *args, check=check, timeout=timeout)
+def _launch(*args: object, check: bool = False) -> subprocess.CompletedProcess:
+    """``steel launch --config tiny.yaml ARGS`` in this process (refusals; a real process: the case above)."""
+    return steel_in_process("launch", "--config", TINY, *args, check=check)
 
 
 def test_bad_launch_input_is_one_line(tmp_path, synth_dir, folds_csv):
-    """Each refused before any fold starts: exit 2, one line naming the value."""
+    """Each refused before any fold starts: exit 2, one line naming the value. In this process (``steel.cli.main``
+    returns the status); the first case once more as a real process: its exit status and its whole stderr."""
     common = ["--config", TINY, "--data-dir", synth_dir, "--folds-csv", folds_csv, "--executor", "local"]
     cases = [
         (["--config", tmp_path / "nope.yaml"], "nope.yaml: experiment config not found"),
@@ -182,8 +186,9 @@ def test_bad_launch_input_is_one_line(tmp_path, synth_dir, folds_csv):
         ([*common, "--run-dir", tmp_path / "r5", "--folds", "0", "--gpus", "0"],
          "--gpus 0: this machine has no CUDA GPU that torch can use"),
     ]  # fmt: skip
-    for args, msg in cases:
-        proc = run_steel("launch", *args, check=False)
+    runs = [(args, msg, steel_in_process("launch", *args, check=False)) for args, msg in cases]
+    runs.append((*cases[0], run_steel("launch", *cases[0][0], check=False)))  # the first, as a real process
+    for args, msg, proc in runs:
         err = proc.stderr.strip()
         assert proc.returncode == 2, (args, proc.stdout, err)
         assert msg in err and "Traceback" not in err and len(err.splitlines()) == 1, (args, err)
@@ -253,19 +258,28 @@ def _files(d: Path) -> dict[str, float]:
 
 
 @pytest.fixture(scope="module")
-def launched(tmp_path_factory, synth_dir, folds_csv) -> dict:
-    """Real launch of 3 folds on CPU (W&B offline); SIGKILL the launcher mid-run; run it again."""
+def launch_data(tmp_path_factory) -> tuple[Path, Path]:
+    """(data dir, folds csv): 24 train images of 32x160 in 2 folds, enough for a launch of real folds."""
+    data = make_synth(tmp_path_factory.mktemp("launch_data") / "data", 24, 1, 3, LAUNCH_SHAPE)
+    folds = data.parent / "folds.csv"
+    steel_in_process("folds", data, "--n-folds", 2, "--seed", 42, "--out", folds)
+    return data, folds
+
+
+@pytest.fixture(scope="module")
+def launched(tmp_path_factory, launch_data) -> dict:
+    """Real launch of 2 folds on CPU (W&B offline); SIGKILL the launcher (a real process) while fold 1 runs; run
+    the same launch again (in this process: the fold processes it starts are real ones all the same)."""
+    data, folds = launch_data
     run = tmp_path_factory.mktemp("launch") / "run"
-    cmd = [sys.executable, "-m", "steel.cli", "launch", "--config", str(TINY), "--run-dir", str(run), "--executor", "local",
-           "--data-dir", str(synth_dir), "--folds-csv", str(folds_csv), "--oof-stride", "1", "--", *FAST,
-           "--trainer.callbacks+=tests._gate.Gate"]  # fmt: skip
+    args = ["launch", "--config", str(TINY), "--run-dir", str(run), "--executor", "local", "--data-dir", str(data),
+            "--folds-csv", str(folds), "--oof-stride", "1", "--", *FAST, "--trainer.callbacks+=tests._gate.Gate"]  # fmt: skip
     gate = run / "gate" / "fold-1"  # fold 1 waits at the start of its epoch 1 (tests/_gate.py)
     gate.parent.mkdir(parents=True)
     gate.touch()
     env = dict(os.environ, WANDB_MODE="offline")
-    first = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT
-    )
+    first = subprocess.Popen([sys.executable, "-m", "steel.cli", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)  # fmt: skip
     deadline = time.time() + 600
     while time.time() < deadline and not gate.with_name("fold-1.waiting").exists():
         assert first.poll() is None, first.stdout.read()
@@ -277,18 +291,22 @@ def launched(tmp_path_factory, synth_dir, folds_csv) -> dict:
     time.sleep(2)  # the fold process dies with its parent (PR_SET_PDEATHSIG)
     fold0 = _files(run / "fold-0")
     gate.unlink()
-    second = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("WANDB_MODE", "offline")
+        mp.chdir(ROOT)  # where the fold processes find tests._gate, as the first launch's did
+        second = steel_in_process(*args, check=False)
     return {"run": run, "done0": done0, "done1": done1, "fold0": fold0, "second": second}
 
 
-def test_launch_killed_then_resumed_covers_every_image_once(launched, folds_csv):
+def test_launch_killed_then_resumed_covers_every_image_once(launched, launch_data):
     run, second = launched["run"], launched["second"]
+    folds_csv = launch_data[1]
     assert launched["done0"] and not launched["done1"]
     assert second.returncode == 0, second.stdout + second.stderr
     assert "fold 0: already done" in second.stdout
     assert "fold 1: started on CPU (resuming from last.ckpt)" in second.stdout
     assert _files(run / "fold-0") == launched["fold0"]  # untouched
-    assert all(fold_done(run / f"fold-{k}") for k in range(3))
+    assert all(fold_done(run / f"fold-{k}") for k in range(2))
     summary = json.loads((run / "summary.json").read_text())
     assert summary["failed"] == [] and summary["cv_mean"] is not None and "CV best val/dice" in second.stdout
     assert {f["state"] for f in summary["folds"].values()} == {"done"}
@@ -296,7 +314,7 @@ def test_launch_killed_then_resumed_covers_every_image_once(launched, folds_csv)
     split = pd.read_csv(folds_csv)
     assert sorted(store.ids) == sorted(split["ImageId"]) and len(set(store.ids)) == len(store.ids)
     assert np.array_equal(store.folds, split.set_index("ImageId").loc[store.ids, "fold"].to_numpy())
-    assert store.masks.shape[-2:] == (64, 320) and store.truth.max() == 1
+    assert store.masks.shape[-2:] == LAUNCH_SHAPE and store.truth.max() == 1
     assert np.isfinite(store.cls).all() and 0 <= store.cls.min() and store.cls.max() <= 1
 
 
@@ -321,22 +339,23 @@ def wandb_runs(root: Path) -> list[dict]:
     return runs
 
 
-def test_wandb_lineage_of_every_stage(launched, tmp_path):
+def test_wandb_lineage_of_every_stage(launched, tmp_path, monkeypatch):
     """Fold runs are train runs of the group and log their checkpoints; oof, sweep, blend and export log their own
     runs whose artifacts name their inputs by digest: checkpoints -> OOF -> thresholds -> exported file."""
     run = launched["run"]
     assert launched["second"].returncode == 0
-    run_steel("sweep", run, "--trials", 5)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    steel_in_process("sweep", run, "--trials", 5)
     ens = tmp_path / "ens"
-    run_steel("blend", run, "--out", ens)
+    steel_in_process("blend", run, "--out", ens)
     exported = tmp_path / "tiny.pt2"
-    run_steel("export", run, "--out", exported)
+    steel_in_process("export", run, "--out", exported)
     runs = wandb_runs(run) + wandb_runs(ens)
     by_type: dict[str, list] = {}
     for r in runs:
         by_type.setdefault(r["job_type"], []).append(r)
     arts = {a["name"]: a for r in runs for a in r["artifacts"]}
-    for k in range(3):  # logged by the launcher into the fold's own (Lightning) run id, once the fold is done
+    for k in range(2):  # logged by the launcher into the fold's own (Lightning) run id, once the fold is done
         a = arts[f"run-fold-{k}"]
         producer = next(r for r in by_type["train"] if a in r["artifacts"])
         fold_run = json.loads((run / f"fold-{k}" / "metrics.json").read_text())["wandb_run_id"]
@@ -350,7 +369,7 @@ def test_wandb_lineage_of_every_stage(launched, tmp_path):
         )  # the training itself
     oof = arts["run-oof"]
     assert by_type["oof"] and {i["digest"] for i in oof["inputs"]} == {
-        arts[f"run-fold-{k}"]["digest"] for k in range(3)
+        arts[f"run-fold-{k}"]["digest"] for k in range(2)
     }
     thr = arts["run-thresholds"]
     assert [i["digest"] for i in thr["inputs"]] == [oof["digest"]] and by_type["sweep"]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SYNTH_SHAPE, run_steel
+from tests.conftest import SYNTH_SHAPE, make_synth, steel_in_process
 
 pytestmark = pytest.mark.skipif(
     not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc"
@@ -122,12 +122,9 @@ def test_helper_sees_orphans():
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> tuple[Path, Path]:
     """(data dir, folds csv) of 12 images: enough for a fit that runs until it is killed."""
-    root = tmp_path_factory.mktemp("lifecycle")
-    data, folds = root / "data", root / "folds.csv"
-    run_steel(
-        "synth", data, "--n-train", 12, "--n-test", 1, "--height", SYNTH_SHAPE[0], "--width", SYNTH_SHAPE[1]
-    )
-    run_steel("folds", data, "--n-folds", 2, "--out", folds)
+    data = make_synth(tmp_path_factory.mktemp("lifecycle") / "data", 12, 1, 0, SYNTH_SHAPE)
+    folds = data.parent / "folds.csv"
+    steel_in_process("folds", data, "--n-folds", 2, "--out", folds)
     return data, folds
 
 

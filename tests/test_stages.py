@@ -1,10 +1,11 @@
 """Training stages and the winners' training tricks.
 
-Stages: a real 2-stage launch of 2 folds on CPU (stage 2 starts each fold from the same fold of stage 1: its
-first validation dice is at stage 1's level, far above the untrained net's, with a fresh optimiser and step
-count); stages refused before anything runs when the earlier run is on another split, a fold differs, the
-earlier fold is unfinished, or a run dir would mix two lineages; a classification-only run's encoder under a
-segmentation net (12th place) through ``steel fit``; the stage recipes chain to recipes whose weights fit.
+Stages: stage 1 fitted on 2 folds, then a real stage-2 launch of them on CPU (stage 2 starts each fold from the
+same fold of stage 1: its first validation dice is at stage 1's level, far above the untrained net's, with a
+fresh optimiser and step count); stages refused before anything runs when the earlier run is on another split, a
+fold differs, the earlier fold is unfinished, or a run dir would mix two lineages; a classification-only run's
+encoder under a segmentation net (12th place) through ``steel fit``; the stage recipes chain to recipes whose
+weights fit.
 Tricks: mixup of images and masks, label smoothing, SCSE decoder attention, crops off the black margin.
 
 Every launch here says --executor local (sbatch may be on PATH) and runs its folds without W&B."""
@@ -49,28 +50,30 @@ def two_folds(small_synth: tuple[Path, Path], tmp_path_factory: pytest.TempPathF
 
 @pytest.fixture(scope="module")
 def stages(two_folds: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Stage 1 (tiny.yaml) and stage 2 (--init-from stage 1) launched on 2 folds, and the val/dice of the
-    untrained net each stage 1 fold started from (``steel validate`` without weights: same seed, same net)."""
+    """Stage 1 (tiny.yaml) on 2 folds, stage 2 launched on them (--init-from stage 1), and the val/dice of the
+    untrained net each stage 1 fold started from (``steel validate`` without weights: same seed, same net).
+
+    Stage 1 is what ``steel launch`` leaves, made in this process: its split as the run dir's folds.csv and the
+    ``steel fit`` of each fold into fold-K (a launch would start the same command as a process); stage 2, the
+    launch under test, starts its folds as real processes."""
     data, folds = two_folds
     root = tmp_path_factory.mktemp("stages")
-    common = ("--data-dir", data, "--folds-csv", folds, "--parallel", 2)
+    s1 = root / "s1"
+    s1.mkdir()
+    (s1 / "folds.csv").write_bytes(folds.read_bytes())
+    for k in range(2):
+        steel_in_process("fit", "--config", TINY, "--data.data_dir", data, "--data.folds_csv", folds,
+                         "--data.fold", k, "--run_dir", s1 / f"fold-{k}", *STAGE1)  # fmt: skip
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_MODE", "disabled")
-        first = _launch("--run-dir", root / "s1", *common, "--", *STAGE1)
-        second = _launch("--run-dir", root / "s2", "--init-from", root / "s1", *common, "--", *STAGE2)
+        second = _launch("--run-dir", root / "s2", "--init-from", s1, "--data-dir", data, "--folds-csv", folds,
+                         "--parallel", 2, "--", *STAGE2)  # fmt: skip
     untrained = []
     for k in range(2):
         steel_in_process("validate", "--config", TINY, "--data.data_dir", data, "--data.folds_csv", folds,
                          "--data.fold", k, "--run_dir", root / f"untrained-{k}", *WHOLE)  # fmt: skip
         untrained.append(json.loads((root / f"untrained-{k}" / "validate.json").read_text())["val/dice"])
-    return {
-        "root": root,
-        "data": data,
-        "folds": folds,
-        "first": first,
-        "second": second,
-        "untrained": untrained,
-    }
+    return {"root": root, "data": data, "folds": folds, "second": second, "untrained": untrained}
 
 
 def _metrics(run: Path, k: int) -> dict:
