@@ -140,6 +140,7 @@ def pseudo(
     from tqdm import tqdm
 
     from steel.labels import list_images
+    from steel.lifecycle import WorkerInit
     from steel.predict import ImageFolder, load_predictor
 
     images, out = Path(images), Path(out)
@@ -148,19 +149,29 @@ def pseudo(
         raise SteelError(f"{images}: no images (.jpg, .jpeg, .png, .bmp)")
     if batch_size < 1:
         raise SteelError(f"--batch-size {batch_size}: must be >= 1")
+    if workers is not None and workers < 0:
+        raise SteelError(f"--workers {workers}: must be >= 0")
     _check_out(out, images)
     hi_c, lo_c = parse_per_class(hi, "hi", DEFAULT_HI), parse_per_class(lo, "lo", DEFAULT_LO)
     if ((hi_c < 0) | (hi_c > 1) | (lo_c < 0) | (lo_c > 1) | (lo_c > hi_c)).any():
         raise SteelError(f"--lo {lo_c.tolist()} / --hi {hi_c.tolist()}: need 0 <= lo <= hi <= 1 per class")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SteelError(f"--device {device}: no CUDA device available")
     model, manifest = load_predictor(source, device)
+    exported = not Path(source).is_dir()
+    if exported:  # an export takes batches of 1 .. MAX_BATCH images of the size it was exported for
+        from steel.export import MAX_BATCH
+
+        batch_size = min(batch_size, MAX_BATCH)
+    want = tuple(manifest.get("image_size") or ()) if exported else ()
     tuned_pixel, tuned_area = _thresholds(manifest)
     pix = parse_per_class(seg_pixel, "seg-pixel", 0.5) if seg_pixel is not None else tuned_pixel
     area = parse_per_class(seg_min_area, "seg-min-area", 0) if seg_min_area is not None else tuned_area
 
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
-    loader = DataLoader(ImageFolder(images, names), batch_size=batch_size, num_workers=workers,
-                        collate_fn=list)  # fmt: skip
+    loader = DataLoader(ImageFolder(images, names), batch_size=batch_size, num_workers=workers, collate_fn=list,
+                        worker_init_fn=WorkerInit() if workers else None)  # fmt: skip
     n = len(names)
     cls_all = np.zeros((n, N_CLASSES), np.float32)
     mask_area = np.zeros((n, N_CLASSES), np.int64)
@@ -173,8 +184,13 @@ def pseudo(
         for items in loader:
             idx = [i for i, _ in items]
             for i, img in items:
-                if img is None:
-                    raise SteelError(f"{images / names[i]}: cannot read image (corrupt or not an image)")
+                if isinstance(img, str):  # ImageFolder's one-line error of an unreadable file (names it)
+                    raise SteelError(img)
+                if shape is None and want and tuple(img.shape) != want:
+                    raise SteelError(
+                        f"{images / names[i]}: image is {img.shape[0]}x{img.shape[1]}, {source} was exported for "
+                        f"{want[0]}x{want[1]} images"
+                    )
                 shape = shape or img.shape
                 if img.shape != shape:
                     raise SteelError(

@@ -141,17 +141,48 @@ def test_datamodule_pseudo_errors(synth_dir, folds_csv, tmp_path):
 
 
 # ---- steel pseudo on a trained fold ---------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def source(learned_run: Path, small_synth: tuple[Path, Path], tmp_path_factory) -> Path:
-    """An ensemble dir of the session's learning fold (default thresholds)."""
-    ens = tmp_path_factory.mktemp("pseudo_source") / "ens"
-    ens.mkdir()
-    shape = list(image_shape(small_synth[0] / "train_images"))
-    spec = {"members": [{"run_dir": str(learned_run), "checkpoints": [str(learned_run / "best.ckpt")],
-                         "tta": ["none"], "weight": 1.0}], "mode": "mean", "image_size": shape}  # fmt: skip
+def _ensemble(run: Path, shape: list[int], ens: Path) -> Path:
+    """``ens``: an ensemble dir of the fold ``run``'s best.ckpt (no TTA, default thresholds) for images ``shape``."""
+    ens.mkdir(parents=True)
+    spec = {"members": [{"run_dir": str(run), "checkpoints": [str(run / "best.ckpt")], "tta": ["none"],
+                         "weight": 1.0}], "mode": "mean", "image_size": shape}  # fmt: skip
     (ens / "ensemble.yaml").write_text(yaml.safe_dump(spec))
     Params.uniform().save(ens / "thresholds.json")
     return ens
+
+
+@pytest.fixture(scope="module")
+def learned_source(learned_run: Path, small_synth: tuple[Path, Path], tmp_path_factory) -> Path:
+    """The session's learning fold (150 steps, trained for the default suite anyway) as a source: enough for the
+    command's plumbing and errors, too weak for the quality tests (it keeps 2 of 60 images, scoring 0.80)."""
+    shape = list(image_shape(small_synth[0] / "train_images"))
+    return _ensemble(learned_run, shape, tmp_path_factory.mktemp("pseudo_learned") / "ens")
+
+
+# The source of the quality tests: the session's learning fit trained 8x longer (240 epochs = 1200 steps, 2-5
+# min on the 2 shared cores). On the default seed 42 it keeps 42 of the 60 test images, scoring 0.980 against 0.934
+# for all images (a random 42 of them: 0.934 +- 0.009, so the rule's +0.046 is 5 sd). Training seeds 0 / 1 gave
+# +0.047 / +0.012: what is left is the rare classes 1, 2 and 4, which 40 training images do not teach it (it
+# is confidently negative on all of them), missed alike on kept and dropped images. 600 steps was a coin flip:
+# +0.013 on seed 42 (1 sd of a random subset). Stricter cut-offs (0.99/0.01 ...) or 120 training images did
+# not do better, so the defaults are tested.
+SOURCE_EPOCHS = 240
+
+
+@pytest.fixture(scope="module")
+def source_run(small_synth: tuple[Path, Path], tmp_path_factory) -> Path:
+    """The session's learning fit (tiny.yaml on 32x160 images, fold 0) trained 8x longer (slow tests only)."""
+    from tests.conftest_training import TINY, TINY_LEARNING, fit
+
+    run = tmp_path_factory.mktemp("pseudo_source_run") / "fold-0"
+    return fit(TINY, *small_synth, run, *TINY_LEARNING, "--trainer.max_epochs", SOURCE_EPOCHS)
+
+
+@pytest.fixture(scope="module")
+def source(source_run: Path, small_synth: tuple[Path, Path], tmp_path_factory) -> Path:
+    """An ensemble dir of that fold (default thresholds)."""
+    shape = list(image_shape(small_synth[0] / "train_images"))
+    return _ensemble(source_run, shape, tmp_path_factory.mktemp("pseudo_source") / "ens")
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +202,7 @@ def pseudo_dir(source: Path, test_set: Path, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.slow  # FAILS at present: the session's cheap 150-step learning fold is too weak a source (keeps 2
-# of 60 images, scoring 0.80 against 0.90 for all); it needs a better-trained source fixture (open in issue 14)
+@pytest.mark.slow
 def test_pseudo_labels_beat_the_source_on_all_images(pseudo_dir, source, test_set, tmp_path):
     summary = json.loads((pseudo_dir / "pseudo.json").read_text())
     manifest = pd.read_csv(pseudo_dir / "manifest.csv")
@@ -195,6 +225,9 @@ def test_pseudo_labels_beat_the_source_on_all_images(pseudo_dir, source, test_se
     rles = [[r[f"rle_{c}"] for c in range(1, 5)] for r in table.to_dict("records")]
     write_submission(table["ImageId"].tolist(), rles, tmp_path / "kept.csv")
     kept_dice = score_submission(tmp_path / "kept.csv", truth, pseudo_dir / "train_images").iloc[:, 1:]
+    print(
+        f"kept {summary['n_kept']} of 60: dice {kept_dice.to_numpy().mean():.4f}, all images {all_dice:.4f}"
+    )
     assert kept_dice.to_numpy().mean() > all_dice, (kept_dice.to_numpy().mean(), all_dice)
     # and they are exactly the source's post-processed masks of those images
     pred = read_submission(sub).set_index(["ImageId", "ClassId"])["EncodedPixels"]
@@ -202,38 +235,61 @@ def test_pseudo_labels_beat_the_source_on_all_images(pseudo_dir, source, test_se
         assert [pred[(r["ImageId"], c)] for c in range(1, 5)] == [r[f"rle_{c}"] for c in range(1, 5)]
 
 
-def test_pseudo_cut_offs_change_what_is_kept(source, test_set, tmp_path, pseudo_dir):
+def test_pseudo_cut_offs_change_what_is_kept(learned_source, test_set, tmp_path):
+    images = test_set / "test_images"
+    strict = run_steel(
+        "pseudo", learned_source, "--images", images, "--out", tmp_path / "strict", "--workers", 0
+    )
+    assert "pseudo: kept" in strict.stdout
     out = tmp_path / "loose"
-    run_steel("pseudo", source, "--images", test_set / "test_images", "--out", out, "--hi", "0.6",
-              "--lo", "0.4", "--workers", 0)  # fmt: skip
+    run_steel("pseudo", learned_source, "--images", images, "--out", out, "--hi", "0.6", "--lo", "0.4",
+              "--workers", 0)  # fmt: skip
     loose = json.loads((out / "pseudo.json").read_text())
-    strict = json.loads((pseudo_dir / "pseudo.json").read_text())
-    assert loose["hi"] == [0.6] * 4 and loose["n_kept"] >= strict["n_kept"]
+    assert loose["hi"] == [0.6] * 4 and loose["lo"] == [0.4] * 4
+    # looser cut-offs keep every image the defaults keep (and here more)
+    kept = {
+        d: set(pd.read_csv(tmp_path / d / "manifest.csv").query("kept")["ImageId"])
+        for d in ("strict", "loose")
+    }
+    assert kept["strict"] <= kept["loose"] and len(kept["loose"]) == loose["n_kept"] > len(kept["strict"])
     # run again into the same dir: replaced, not mixed
-    run_steel("pseudo", source, "--images", test_set / "test_images", "--out", out, "--hi", "1.0",
-              "--lo", "0.0", "--workers", 0)  # fmt: skip
+    run_steel("pseudo", learned_source, "--images", images, "--out", out, "--hi", "1.0", "--lo", "0.0",
+              "--workers", 0)  # fmt: skip
     assert json.loads((out / "pseudo.json").read_text())["n_kept"] == 0
     assert not list((out / "train_images").iterdir())
 
 
-def test_pseudo_bad_inputs_one_line(source, test_set, tmp_path):
-    images = test_set / "test_images"
+def test_pseudo_bad_inputs_one_line(learned_source, test_set, tmp_path):
+    source, images = learned_source, test_set / "test_images"
     (tmp_path / "file").write_text("x")
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
+    corrupt = tmp_path / "corrupt"  # two good images and a broken one
+    corrupt.mkdir()
+    for name in sorted(p.name for p in images.iterdir())[:2]:
+        shutil.copyfile(images / name, corrupt / name)
+    (corrupt / "broken.jpg").write_bytes(b"not a jpeg")
+    o = ["--out", tmp_path / "o"]
     cases = [
-        ([source, "--images", tmp_path / "missing", "--out", tmp_path / "o"], "image directory not found"),
+        ([source, "--images", tmp_path / "missing", *o], "image directory not found"),
         ([source, "--images", images, "--out", tmp_path / "file"], "is a file"),
         ([source, "--images", images, "--out", tmp_path / "busy"], "notes.txt: "),
+        ([source, "--images", images, *o, "--hi", "0.2", "--lo", "0.3"], "need 0 <= lo <= hi"),
+        ([source, "--images", images, *o, "--hi", "1,2"], "--hi '1,2'"),
+        ([tmp_path / "nope.pt2", "--images", images, *o], "nope.pt2: not found"),
         (
-            [source, "--images", images, "--out", tmp_path / "o", "--hi", "0.2", "--lo", "0.3"],
-            "need 0 <= lo <= hi",
+            [source, "--images", corrupt, *o, "--workers", 0],
+            f"{corrupt / 'broken.jpg'}: not a readable image",
         ),
-        ([source, "--images", images, "--out", tmp_path / "o", "--hi", "1,2"], "--hi '1,2'"),
-        ([tmp_path / "nope.pt2", "--images", images, "--out", tmp_path / "o"], "nope.pt2: not found"),
+        (
+            [source, "--images", corrupt, *o, "--workers", 1],
+            f"{corrupt / 'broken.jpg'}: not a readable image",
+        ),
+        ([source, "--images", images, *o, "--workers", -1], "--workers -1: must be >= 0"),
+        ([source, "--images", images, *o, "--device", "cuda"], "--device cuda: no CUDA device available"),
     ]
     for args, match in cases:
-        proc = run_steel("pseudo", *args, check=False)
+        proc = run_steel("pseudo", *args, check=False, env={"CUDA_VISIBLE_DEVICES": ""})
         last = proc.stderr.strip().splitlines()[-1]
         assert proc.returncode == 2 and last.startswith("steel pseudo: error: ") and match in last, (
             args,
@@ -242,18 +298,39 @@ def test_pseudo_bad_inputs_one_line(source, test_set, tmp_path):
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine" and not (tmp_path / "o").exists()
 
 
+def test_pseudo_exported_source_needs_its_image_size(
+    tmp_path_factory, synth_dir, folds_csv, test_set, tmp_path
+):
+    """An exported file pseudo-labels images of the size it was exported for; other sizes: one line naming the
+    image (not the exported program's shape-guard traceback)."""
+    from tests._ensemble import exported_ensemble
+
+    _, pt2 = exported_ensemble(tmp_path_factory, synth_dir, folds_csv)  # 64x320, shared with test_predict.py
+    out = tmp_path / "ok"
+    run_steel("pseudo", pt2, "--images", synth_dir / "test_images", "--out", out, "--workers", 0)
+    summary = json.loads((out / "pseudo.json").read_text())
+    assert summary["n_images"] == 20 and summary["image_size"] == [64, 320]
+    proc = run_steel(
+        "pseudo", pt2, "--images", test_set / "test_images", "--out", tmp_path / "o", check=False
+    )
+    name = sorted(p.name for p in (test_set / "test_images").iterdir())[0]
+    want = f"{test_set / 'test_images' / name}: image is 32x160, {pt2} was exported for 64x320 images"
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == f"steel pseudo: error: {want}"
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.slow
-def test_fold_trained_with_pseudo_labels_is_not_worse(pseudo_dir, learned_run, small_synth, tmp_path):
-    """The session's learning fit (same recipe, data and fold) plus the pseudo labels (30 % of each epoch): its
-    best val/dice on the fold's validation images is not below the plain fold's (0.01 of seed noise allowed)."""
+def test_fold_trained_with_pseudo_labels_is_not_worse(pseudo_dir, source_run, small_synth, tmp_path):
+    """The source's fit (same recipe, data, fold and epochs) plus the pseudo labels (30 % of each epoch): its best
+    val/dice on the fold's validation images is not below the plain fold's (0.01 of seed noise allowed)."""
     from tests.conftest_training import TINY, TINY_LEARNING
 
     data, folds = small_synth
     run = tmp_path / "fold-0"
     check(steel("fit", "--config", TINY, "--data.data_dir", data, "--data.folds_csv", folds, "--data.fold", 0,
-                "--run_dir", run, *TINY_LEARNING, "--data.pseudo_dir", pseudo_dir, "--data.pseudo_share", 0.3,
-                timeout=3600))  # fmt: skip
-    plain = json.loads((learned_run / "metrics.json").read_text())["best_val_dice"]
+                "--run_dir", run, *TINY_LEARNING, "--trainer.max_epochs", SOURCE_EPOCHS, "--data.pseudo_dir",
+                pseudo_dir, "--data.pseudo_share", 0.3, timeout=3600))  # fmt: skip
+    plain = json.loads((source_run / "metrics.json").read_text())["best_val_dice"]
     with_pseudo = json.loads((run / "metrics.json").read_text())["best_val_dice"]
     print(f"best val/dice fold 0: plain {plain:.4f}, with pseudo labels {with_pseudo:.4f}")
     assert with_pseudo >= plain - 0.01
