@@ -1,5 +1,7 @@
 """Tiny run dirs for the blend/export/predict tests: 3 fold checkpoints of random-weight tiny nets (no training),
-folds.csv, config.yaml with data.data_dir, an OOF store (stride 1) and a hand-written thresholds.json."""
+folds.csv, config.yaml with data.data_dir, an OOF store (stride 1) and a hand-written thresholds.json; the blend of
+two of them exported (6 nets), and a one-net ensemble dir exported (for tests of plumbing: a 6-net .pt2 takes ~4x
+longer to export and to load)."""
 
 from __future__ import annotations
 
@@ -104,3 +106,25 @@ def exported_ensemble(tmp_path_factory, synth_dir: Path, folds_csv: Path) -> tup
         write_scaled_thresholds(ens)
         _CACHE["ens"], _CACHE["pt"] = ens, export(ens, root / "ens.pt2", check=False)
     return _CACHE["ens"], _CACHE["pt"]
+
+
+def small_exported(tmp_path_factory) -> tuple[Path, Path]:
+    """(ensemble dir of one member = one random tiny net at input 64x352 for 64x320 images, thresholds.json in
+    scaled mode, its .pt2 export), once a session: for the tests where what is exported does not matter."""
+    if "small" not in _CACHE:
+        import yaml
+
+        from steel.export import export
+
+        root = tmp_path_factory.mktemp("small_ensemble")
+        ckpt = save_checkpoint(root / "net" / "best.ckpt", seed=5, input_size=[64, 352])
+        ens = root / "ens"
+        ens.mkdir()
+        spec = {
+            "members": [{"run_dir": str(ckpt.parent), "checkpoints": [str(ckpt)]}],
+            "image_size": [64, 320],
+        }
+        (ens / "ensemble.yaml").write_text(yaml.safe_dump(spec))
+        write_scaled_thresholds(ens)
+        _CACHE["small"], _CACHE["small_pt"] = ens, export(ens, root / "ens.pt2", check=False)
+    return _CACHE["small"], _CACHE["small_pt"]

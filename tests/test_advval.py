@@ -12,13 +12,13 @@ import pytest
 
 from steel.advval import FEATURES, image_features, single_feature_auc
 from steel.folds import load_folds
-from tests.conftest import run_steel
+from tests.conftest import steel_in_process
 
 
 def _synth(root: Path, shift: str) -> Path:
     out = root / f"data_{shift}"
-    run_steel("synth", out, "--n-train", 150, "--n-test", 150, "--height", 64, "--width", 320,
-              "--seed", 5, "--shift", shift)  # fmt: skip
+    steel_in_process("synth", out, "--n-train", 150, "--n-test", 150, "--height", 64, "--width", 320,
+                     "--seed", 5, "--shift", shift)  # fmt: skip
     return out
 
 
@@ -44,7 +44,7 @@ def test_shift_changes_test_images_only(data):
 @pytest.mark.parametrize("shift", ["brightness", "texture"])
 def test_shift_is_detected_and_test_like_images_marked(data, tmp_path, shift):
     out = tmp_path / "av"
-    proc = run_steel("advval", data[shift], "--out", out, "--mark", 0.2, timeout=600)
+    proc = steel_in_process("advval", data[shift], "--out", out, "--mark", 0.2)
     summary = json.loads((out / "advval.json").read_text())
     assert summary["auc"] > (0.7 if shift == "brightness" else 0.9), summary
     assert summary["shift_detected"] and "train and test images differ" in proc.stdout
@@ -69,7 +69,7 @@ def test_shift_is_detected_and_test_like_images_marked(data, tmp_path, shift):
 
 def test_no_shift_no_detection(data, tmp_path):
     out = tmp_path / "av"
-    proc = run_steel("advval", data["none"], "--out", out, timeout=600)
+    proc = steel_in_process("advval", data["none"], "--out", out)
     summary = json.loads((out / "advval.json").read_text())
     assert 0.38 < summary["auc"] < 0.62, summary
     assert not summary["shift_detected"] and "no shift detected" in proc.stdout
@@ -86,11 +86,12 @@ def test_single_feature_auc_by_hand():
 
 
 def test_bad_inputs_one_line(tmp_path, data):
-    proc = run_steel("advval", tmp_path / "d", "--out", tmp_path / "o", check=False)
+    """Exit status 2 and the error on stderr (in this process: an uncaught exception would fail the test)."""
+    proc = steel_in_process("advval", tmp_path / "d", "--out", tmp_path / "o", check=False)
     assert proc.returncode == 2 and "train_images: image directory not found" in proc.stderr
     (tmp_path / "d" / "train_images").mkdir(parents=True)
     (tmp_path / "d" / "test_images").mkdir()
-    proc = run_steel("advval", tmp_path / "d", "--out", tmp_path / "o", check=False)
+    proc = steel_in_process("advval", tmp_path / "d", "--out", tmp_path / "o", check=False)
     assert proc.returncode == 2 and "train_images: 0 images, need at least 5" in proc.stderr
-    proc = run_steel("advval", data["none"], "--out", tmp_path / "o", "--mark", 1.5, check=False)
+    proc = steel_in_process("advval", data["none"], "--out", tmp_path / "o", "--mark", 1.5, check=False)
     assert proc.returncode == 2 and "--mark 1.5" in proc.stderr and "Traceback" not in proc.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -22,7 +23,14 @@ from steel.export import MANIFEST, export, export_program, load_exported, read_m
 from steel.labels import list_images, read_submission
 from steel.model import TwoHeadNet
 from steel.postprocess import ClassParams, Params, postprocess
-from tests._ensemble import ONE_THREAD_ENV, exported_ensemble, one_torch_thread, tiny_runs, write_thresholds  # noqa: F401 (autouse fixture)
+from tests._ensemble import (  # noqa: F401 (autouse fixture)
+    ONE_THREAD_ENV,
+    exported_ensemble,
+    one_torch_thread,
+    small_exported,
+    tiny_runs,
+    write_thresholds,
+)
 from tests.conftest import steel_in_process
 from tests.test_postprocess import hard_planes, opencv_sizes
 
@@ -36,16 +44,25 @@ ARCHS = {
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, synth_dir, folds_csv):
+    """(blend of two 3-fold runs with scaled-mode thresholds: 6 nets; its .pt2)."""
     return exported_ensemble(tmp_path_factory, synth_dir, folds_csv)
 
 
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """(one-net ensemble dir, scaled-mode thresholds; its .pt2): for what does not depend on the nets."""
+    return small_exported(tmp_path_factory)
+
+
 def tiny_ensemble(
-    arch: str, size: tuple[int, int], seed: int = 0, full: bool = True, n: int = 3, resize: bool = True
-) -> Ensemble:
-    """Random tiny ``arch`` nets; ``full``: two members (native size + hflip TTA; 2 folds at a resized input +
-    vflip TTA + temperature 2; weights 1:2), else one net at a resized input with hflip TTA. Thresholds lie
-    between the quantiles of their own probabilities on ``_images(n, size)`` (the images the tests compare
-    on), so masks are neither empty nor full, and component removal and min-area are on."""
+    arch: str, size: tuple[int, int], seed: int = 0, full: bool = True, n: int = 3, resize: bool = True,
+    tta: tuple[str, ...] = ("none", "hflip"),
+) -> Ensemble:  # fmt: skip
+    """Random tiny ``arch`` nets; ``full``: two members (native size + hflip TTA; 2 folds at a resized input
+    seen vflipped only + temperature 2; weights 1:2), else one net at a resized input with ``tta``. Thresholds
+    lie between the quantiles of their own probabilities on ``_images(n, size)`` (the images the tests compare
+    on), so masks are neither empty nor full, and component removal and min-area are on. Each net and view
+    is a copy of the net in the program: about a second more to export and to convert to ONNX."""
     torch.manual_seed(seed)
     nets = [
         TwoHeadNet(arch, ENCODER, None, 1, 4, 0.0, arch_kwargs=ARCHS[arch]).eval()
@@ -55,11 +72,11 @@ def tiny_ensemble(
     if full:
         members = [
             Member(nets[:1], None, ["none", "hflip"]),
-            Member(nets[1:], [h + 32, w - 64], ["none", "vflip"], 2.0),
+            Member(nets[1:], [h + 32, w - 64], ["vflip"], 2.0),
         ]
         ens = Ensemble(members, [1.0, 2.0]).eval()
     else:
-        ens = Ensemble([Member(nets, [h + 32, w - 64] if resize else None, ["none", "hflip"])]).eval()
+        ens = Ensemble([Member(nets, [h + 32, w - 64] if resize else None, list(tta))]).eval()
     with torch.no_grad():
         probs, cls = ens.probs(ens.to_input(_images(n, size)))
     ens.pixel_thr.copy_(torch.stack([_gap_threshold(p) for p in probs.transpose(0, 1)]))
@@ -185,9 +202,13 @@ print(json.dumps({"loaded": loaded, "manifest": manifest, "cls": list(cls_probs.
 
 
 def test_pt2_runs_with_torch_alone_and_equals_steel_predict(exported, synth_dir, tmp_path):
-    """The README snippet in a process where `import steel` fails: same masks as `steel predict FILE` writes."""
+    """The README snippet in a process where `import steel` fails: same masks as `steel predict FILE` writes
+    (on 4 of the test images: each costs two runs of the six nets)."""
     _, pt2 = exported
-    images_dir = synth_dir / "test_images"
+    images_dir = tmp_path / "images"
+    images_dir.mkdir()
+    for name in list_images(synth_dir / "test_images")[:4]:
+        shutil.copyfile(synth_dir / "test_images" / name, images_dir / name)
     names = list_images(images_dir)
     from steel.images import read_grey
 
@@ -232,13 +253,14 @@ def test_pt2_runs_with_torch_alone_and_equals_steel_predict(exported, synth_dir,
     assert [m["checkpoints"][0].endswith("fold-0/best.ckpt") for m in man["members"]] == [True, True]
 
 
-def test_pt2_of_a_dir_equals_eager_and_is_checked(exported, synth_dir, tmp_path, capsys):
+def test_pt2_of_a_dir_equals_eager_and_is_checked(exported, small, tmp_path, capsys):
     ens_dir, pt2 = exported
     eager, _ = build_ensemble(ens_dir)
     model, man = load_exported(pt2)
     _assert_parity(eager, model, _images(3, (64, 320)))
-    # the default export checks itself against the eager ensemble and records the result
-    out = export(ens_dir, tmp_path / "checked.pt2")
+    # the default export checks itself against the eager ensemble and records the result (a one-net dir:
+    # the check is the same code for any ensemble)
+    out = export(small[0], tmp_path / "checked.pt2")
     assert "export: parity eager vs torch.export" in capsys.readouterr().out
     check = read_manifest(out)["export_check"]
     assert check["max_abs_diff_probs"] < 1e-4 and check["mask_pixels_differing"] == 0
@@ -247,8 +269,8 @@ def test_pt2_of_a_dir_equals_eager_and_is_checked(exported, synth_dir, tmp_path,
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_parity_pt2_and_onnx_64x320(arch, tmp_path):
     """Eager vs .pt2 (saved, loaded back) vs ONNX (onnxruntime), every stage inside, for Unet (two members,
-    three nets), FPN and PSPNet (one net: exporting costs ~5 s a net here)."""
-    ens = tiny_ensemble(arch, (64, 320), full=arch == "Unet")
+    three nets, four views) and for the decoders of FPN and PSPNet (one net, one view: TTA is Unet's)."""
+    ens = tiny_ensemble(arch, (64, 320), full=arch == "Unet", tta=("none",))
     ep = export_program(ens, (64, 320))
     man = {"format": "steel-ensemble/2", "image_size": [64, 320]}
     images = _images(3, (64, 320))
@@ -314,10 +336,12 @@ def _aoti_parity(ens: Ensemble, tmp_path) -> None:
 
 
 # ---- command line, files, errors -------------------------------------------------------------------------
-def test_cli_onnx_export_and_predict(exported, synth_dir, tmp_path):
+def test_cli_onnx_export_and_predict(small, synth_dir, tmp_path):
     """`steel export --out X.onnx` + `steel predict X.onnx`: the submission holds onnxruntime's masks, which
-    equal the .pt2's except where a probability lies within onnxruntime's rounding (~1e-6) of a threshold."""
-    ens_dir, pt2 = exported
+    equal the .pt2's except where a probability lies within onnxruntime's rounding (~1e-6) of a threshold.
+    A one-net dir (resized input, scaled thresholds): converting to ONNX costs about a second a net (two
+    members, several nets, TTA and temperature are converted in test_parity_pt2_and_onnx_64x320)."""
+    ens_dir, pt2 = small
     onnx_file = tmp_path / "ens.onnx"
     proc = steel_in_process("export", ens_dir, "--out", onnx_file)
     assert "parity eager vs ONNX" in proc.stdout and "MiB, ONNX)" in proc.stdout
@@ -399,9 +423,9 @@ with atomic_path(sys.argv[1], ".pt2") as tmp:
 """
 
 
-def test_interrupted_export_temp_is_removed_by_next_export(exported, tmp_path):
+def test_interrupted_export_temp_is_removed_by_next_export(small, tmp_path):
     """An export killed while saving leaves its hidden temp file; the next export to that path removes it."""
-    ens_dir, _ = exported
+    ens_dir, _ = small
     out = tmp_path / "ens.pt2"
     proc = subprocess.Popen(
         [sys.executable, "-c", WRITER, str(out)], stdout=subprocess.PIPE, text=True, env=ONE_THREAD_ENV

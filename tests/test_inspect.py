@@ -18,7 +18,7 @@ from steel.module import load_model
 from steel.oof import OOFStore
 from steel.postprocess import Params, postprocess
 from tests._ensemble import make_run, save_checkpoint
-from tests.conftest import run_steel
+from tests.conftest import steel_in_process
 from tests.conftest_training import wandb_records
 
 pytest_plugins = ["tests.conftest_training"]
@@ -71,7 +71,7 @@ def test_cam_of_a_trained_fold_sits_on_its_defects(learned_run, small_synth, tmp
 
     # the command: default images (one per class present + a defect-free one), PNG each, logged to W&B
     out = tmp_path / "cam"
-    proc = run_steel("inspect", "cam", learned_run, "--out", out)
+    proc = steel_in_process("inspect", "cam", learned_run, "--out", out)
     picked = default_images(table)
     assert "inspect cam: " in proc.stdout and len(picked) >= 3
     for name in picked:
@@ -79,7 +79,7 @@ def test_cam_of_a_trained_fold_sits_on_its_defects(learned_run, small_synth, tmp
     assert sum(k.startswith("cam/") for k in _logged_images(out)) == len(picked)
     # explicit image files, no labels, no W&B
     out2 = tmp_path / "cam2"
-    run_steel("inspect", "cam", learned_run / "best.ckpt", "--images", data / "test_images" / sorted(
+    steel_in_process("inspect", "cam", learned_run / "best.ckpt", "--images", data / "test_images" / sorted(
         p.name for p in (data / "test_images").iterdir())[0], "--out", out2, "--no-wandb")  # fmt: skip
     assert len(list(out2.glob("cam_*.png"))) == 1 and not (out2 / "wandb").exists()
 
@@ -114,7 +114,7 @@ def test_gallery_pictures_the_worst_errors(run_with_oof, synth_dir, tmp_path):
     assert set(picked["kind"]) <= set(KINDS) and len(picked) > 0
 
     out = tmp_path / "gallery"
-    proc = run_steel("inspect", "gallery", run_with_oof, "--out", out, "--k", 2)
+    proc = steel_in_process("inspect", "gallery", run_with_oof, "--out", out, "--k", 2)
     assert "inspect gallery: " in proc.stdout
     for c in range(1, 5):
         assert (out / f"gallery_class{c}.png").read_bytes()[:8] == PNG
@@ -125,12 +125,13 @@ def test_gallery_pictures_the_worst_errors(run_with_oof, synth_dir, tmp_path):
 
 
 def test_inspect_bad_inputs_one_line(tmp_path, synth_dir):
+    """Exit status 2 and one error line (in this process: an uncaught exception would fail the test)."""
     cases = [
         (["cam", tmp_path / "nope.ckpt", "--out", tmp_path / "o"], "nope.ckpt: not found"),
         (["gallery", tmp_path, "--out", tmp_path / "o"], "no OOF store"),
     ]
     for args, match in cases:
-        proc = run_steel("inspect", *args, check=False)
+        proc = steel_in_process("inspect", *args, check=False)
         last = proc.stderr.strip().splitlines()[-1]
         assert proc.returncode == 2 and last.startswith("steel inspect: error: ") and match in last, (
             args,

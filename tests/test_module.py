@@ -133,9 +133,11 @@ def test_load_model_from_run(tiny_run: Path) -> None:
 
 
 def test_fit_user_error_is_one_line(synth_dir: Path, tmp_path: Path) -> None:
-    from tests.conftest_training import TINY, steel
+    """Exit status 2, the error on stderr, no traceback (in this process: an uncaught exception would fail)."""
+    from tests.conftest import steel_in_process
+    from tests.conftest_training import TINY
 
-    proc = steel(
+    proc = steel_in_process(
         "fit",
         "--config",
         TINY,
@@ -147,6 +149,7 @@ def test_fit_user_error_is_one_line(synth_dir: Path, tmp_path: Path) -> None:
         tmp_path / "run",
         "--trainer.logger",
         "false",
+        check=False,
     )
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "steel fit: error:" in proc.stderr and "missing.csv: folds file not found" in proc.stderr
