@@ -18,7 +18,7 @@ from steel.labels import image_shape, read_submission, read_train, write_submiss
 from steel.metrics import score_submission
 from steel.postprocess import Params
 from steel.pseudo import PseudoMixSampler, decide, parse_per_class
-from tests.conftest import run_steel
+from tests.conftest import run_steel, steel_in_process
 from tests.conftest_training import check, steel
 
 pytest_plugins = ["tests.conftest_training"]
@@ -298,16 +298,14 @@ def test_pseudo_bad_inputs_one_line(learned_source, test_set, tmp_path):
     assert (tmp_path / "busy" / "notes.txt").read_text() == "mine" and not (tmp_path / "o").exists()
 
 
-def test_pseudo_exported_source_needs_its_image_size(
-    tmp_path_factory, synth_dir, folds_csv, test_set, tmp_path
-):
+def test_pseudo_exported_source_needs_its_image_size(tmp_path_factory, synth_dir, test_set, tmp_path):
     """An exported file pseudo-labels images of the size it was exported for; other sizes: one line naming the
     image (not the exported program's shape-guard traceback)."""
-    from tests._ensemble import exported_ensemble
+    from tests._ensemble import small_exported
 
-    _, pt2 = exported_ensemble(tmp_path_factory, synth_dir, folds_csv)  # 64x320, shared with test_predict.py
+    _, pt2 = small_exported(tmp_path_factory)  # one tiny net exported for 64x320 images (shared with others)
     out = tmp_path / "ok"
-    run_steel("pseudo", pt2, "--images", synth_dir / "test_images", "--out", out, "--workers", 0)
+    steel_in_process("pseudo", pt2, "--images", synth_dir / "test_images", "--out", out, "--workers", 0)
     summary = json.loads((out / "pseudo.json").read_text())
     assert summary["n_images"] == 20 and summary["image_size"] == [64, 320]
     proc = run_steel(
