@@ -17,10 +17,11 @@ demo: $(BIN)/steel
 	WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/steel demo
 
 # The default suite on up to 4 pytest-xdist workers (one a core; a test file stays on one worker, so its
-# module fixtures are built once): TEST_WORKERS=1 runs it in one process.
+# module fixtures are built once; files start longest first, see tests/conftest.py): TEST_WORKERS=1 runs it in
+# one process.
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 test: $(BIN)/steel
-	WANDB_MODE=offline $(BIN)/python -m pytest -q --durations=10 -n $(TEST_WORKERS) --dist loadfile
+	WANDB_MODE=offline $(BIN)/python -m pytest -q --durations=10 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 lint: $(BIN)/steel
 	$(BIN)/ruff check steel tests benchmarks

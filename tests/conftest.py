@@ -28,6 +28,20 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # shared with other jobs, OpenMP's spinning threads made the tiny test nets ~10x slower, not faster.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# Test files by wall-clock cost, longest first (idle 2-core box): collected in this order, so that pytest-xdist
+# (`make test`: `--dist loadfile --no-loadscope-reorder`) starts the long ones first and the short ones fill in
+# at the end, instead of a long file starting last. The rest keep their order after these.
+LONGEST_FIRST = (
+    "test_slurm.py", "test_export.py", "test_pseudo.py", "test_lifecycle.py", "test_launch.py", "test_gpu_check.py",
+    "test_predict.py", "test_stages.py", "test_rundir.py", "test_experiments.py", "test_ddp.py", "test_sweep.py",
+)  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONGEST_FIRST)))  # stable sort
+
+
 SYNTH_SHAPE = (64, 320)
 # Subprocess time limit: a guard against a hung process, never a speed requirement (the commands the tests
 # run take seconds; 15 minutes is far beyond 10x that even on a machine 3x slower than a loaded 2-core box).
