@@ -350,11 +350,10 @@ def test_wandb_lineage_of_every_stage(launched, tmp_path, monkeypatch):
     steel_in_process("blend", run, "--out", ens)
     exported = tmp_path / "tiny.pt2"
     steel_in_process("export", run, "--out", exported)
+    import wandb
+
+    wandb.teardown()  # as a process's exit does: W&B's service has written every offline run file when it returns
     runs = wandb_runs(run) + wandb_runs(ens)
-    # the fold process killed with the first launcher may die before W&B writes its run record: at most that one
-    headless = [r["dir"] for r in runs if "job_type" not in r]
-    assert len(headless) <= 1, headless
-    runs = [r for r in runs if "job_type" in r]
     by_type: dict[str, list] = {}
     for r in runs:
         by_type.setdefault(r["job_type"], []).append(r)
