@@ -3,7 +3,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint install clean gpu-wheels gpu-check-dry
+.PHONY: demo test test-slurm-slow lint install clean gpu-wheels gpu-check-dry
 
 $(BIN)/steel: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ demo: $(BIN)/steel
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); [ $$n -gt 4 ] && n=4; echo $$n)
 test: $(BIN)/steel
 	WANDB_MODE=offline $(BIN)/python -m pytest -q --durations=10 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
+# The slow test of the real SLURM cluster (time-limit requeue: SLURM's limits are whole minutes); CI runs it
+# after `make test` (.ci/run), with the cluster of .ci/slurm.sh.
+test-slurm-slow: $(BIN)/steel
+	WANDB_MODE=offline $(BIN)/python -m pytest -q -m slow tests/test_slurm.py
 
 lint: $(BIN)/steel
 	$(BIN)/ruff check steel tests benchmarks

@@ -236,6 +236,7 @@ def test_array_cancel_resume_and_oof(tmp_path, synth_dir, split2, cleanup):
     print(f"first array {t_first:.0f} s, total {time.time() - t0:.0f} s")
 
 
+@pytest.mark.slow  # SLURM time limits are whole minutes: >= 1 min of waiting. CI runs it (`make test-slurm-slow`)
 def test_time_limit_requeue_resume_and_failed_states(tmp_path, synth_dir, split2, cleanup):
     """--time 1 --signal-delay 15: SIGUSR2 comes 15-45 s into each run (SLURM checks limits every 30 s). A fold
     too long to finish saves last.ckpt, is requeued, resumes, and after --max-requeues 1 shows as timed out.
