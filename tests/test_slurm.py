@@ -187,8 +187,11 @@ def test_array_cancel_resume_and_oof(tmp_path, synth_dir, split2, cleanup):
         300,
         "both tasks to start",
     )
-    # 2. a relaunch while they run is refused
-    refused(go(), f"fold 0 is already running as SLURM job {array}_0")
+    # 2. a relaunch while they run is refused, naming a running fold: fold 1 waits at the gate, fold 0 may have
+    # finished meanwhile on a slow machine (the relaunch's own start takes seconds)
+    proc = go()
+    refused(proc, "is already running as SLURM job")
+    assert re.search(rf"fold ([01]) is already running as SLURM job {array}_\1 ", proc.stderr), proc.stderr
     # 3. cancel fold 1 once it has a resume point; fold 0 finishes
     wait_for(lambda: gate.with_name("fold-1.waiting").exists(), 300, "fold 1 at the gate after its epoch 0")
     assert (run / "fold-1" / "last.ckpt").is_file() and not (run / "fold-1" / "metrics.json").exists()
