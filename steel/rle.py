@@ -155,12 +155,7 @@ class RunMasks:
             s, e = spans
             if cols is None:
                 cols = np.zeros(w * H, np.uint8)  # column-major buffer of the window's columns
-            # runs and the gaps between them as alternating bit/0 segments, from the first start to the last end
-            counts = np.empty(2 * s.size - 1, np.int64)
-            counts[0::2], counts[1::2] = e - s, s[1:] - e[:-1]
-            bits = np.zeros(counts.size, np.uint8)
-            bits[0::2] = 1 << int(c)
-            cols[s[0] : e[-1]] |= np.repeat(bits, counts)
+            cols[s[0] : e[-1]] |= _segments(s, e, 1 << int(c))
         if cols is None:
             return np.zeros((h, w), np.uint8)
         return cv2.transpose(cols.reshape(w, H)[:, y0 : y0 + h])  # (w, h) -> (h, w), vectorised
@@ -178,13 +173,8 @@ class RunMasks:
             s, e = spans
             if cols is None:
                 cols = np.empty(w * H, np.uint8)  # column-major buffer of the window's columns
-            # runs and the gaps between them as alternating 1/0 segments, written from the first start to the last end
-            counts = np.empty(2 * s.size - 1, np.int64)
-            counts[0::2], counts[1::2] = e - s, s[1:] - e[:-1]
-            ones = np.ones(counts.size, np.uint8)
-            ones[1::2] = 0
             cols[: s[0]] = 0
-            cols[s[0] : e[-1]] = np.repeat(ones, counts)
+            cols[s[0] : e[-1]] = _segments(s, e, 1)
             cols[e[-1] :] = 0
             cv2.transpose(cols.reshape(w, H)[:, y0 : y0 + h], dst=out[c])  # (w, h) -> (h, w), vectorised
         return out
@@ -192,6 +182,16 @@ class RunMasks:
     def decode(self) -> np.ndarray:
         """All masks (C, H, W) uint8 0/1."""
         return self.window(0, 0, *self.shape)
+
+
+def _segments(s: np.ndarray, e: np.ndarray, value: int) -> np.ndarray:
+    """uint8 (e[-1] - s[0],): ``value`` on the runs [s, e) and 0 in the gaps between them (runs sorted,
+    disjoint), as alternating segments expanded by one ``np.repeat``."""
+    counts = np.empty(2 * s.size - 1, np.int64)
+    counts[0::2], counts[1::2] = e - s, s[1:] - e[:-1]
+    vals = np.zeros(counts.size, np.uint8)
+    vals[0::2] = value
+    return np.repeat(vals, counts)
 
 
 def pack_masks(masks: np.ndarray) -> np.ndarray:
