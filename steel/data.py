@@ -1,8 +1,7 @@
 """Data: SteelDataset (grey image, 4 masks, 4 labels), epoch samplers and the LightningDataModule of one fold.
 
-A training/validation item is a dict, what loader workers send: 2 bytes a pixel rather than 8, in two tensors
-(each tensor of a batch is a shared-memory segment handed over with its own file descriptor: ~0.2 ms of CPU an
-image for a third one on a 2-core box, see BENCHMARKS.md)
+A training/validation item is a dict, what loader workers send: 2 bytes a pixel rather than 8 (the workers
+collate a batch's tensors into one shared-memory buffer they reuse once released, ``steel.collate``)
   image     uint8 (1, H, W) grey
   mask      uint8 (H, W), bit c set where class c + 1 has a defect (``pack_masks``)
   image_id  str
@@ -29,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from steel import N_CLASSES
 from steel.augment import TrainTransform, build_train_transform
+from steel.collate import SlotCollate
 from steel.errors import SteelError
 from steel.folds import split
 from steel.images import read_grey  # truncated/corrupt files: SteelError naming them
@@ -308,6 +308,7 @@ class SteelDataModule(pl.LightningDataModule):
             pin_memory=hp.pin_memory and torch.cuda.is_available(),
             persistent_workers=hp.persistent_workers and hp.num_workers > 0,
             drop_last=drop_last,
+            collate_fn=SlotCollate(hp.num_workers) if hp.num_workers > 0 else None,  # buffers reused
             worker_init_fn=WorkerInit() if hp.num_workers > 0 else None,  # workers die with this process
         )
 
