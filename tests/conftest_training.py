@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import struct
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -80,7 +81,11 @@ def empty_baseline(data_dir: Path, folds_csv: Path, fold: int) -> float:
 
 def wandb_records(path: str | os.PathLike, block: int = 32768) -> Iterator[object]:
     """Protobuf ``Record`` messages of an offline W&B run file (run-<id>.wandb: LevelDB-style log, 32 KiB blocks,
-    7-byte record headers crc32/length/type, type 1 full, 2 first, 3 middle, 4 last)."""
+    7-byte record headers crc32/length/type, type 1 full, 2 first, 3 middle, 4 last). W&B's service of this
+    process is torn down first, as a process's exit does: the files of in-process runs are complete then (read
+    before, a busy box's service had not yet written a finished run's last records)."""
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()
     from wandb.proto import wandb_internal_pb2 as pb
 
     data = Path(path).read_bytes()
