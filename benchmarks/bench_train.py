@@ -9,7 +9,8 @@ step against a plain torch loop on the same model and batch (ratios measured in 
 
 Data: Kaggle-size synthetic images (``steel synth``, 256x1600) unless ``--data-dir`` names a Kaggle-layout dir.
 1. loader: ``SteelDataModule`` train loader (``--workers`` processes: JPEG decode, RLE runs decoded for the crop
-   window only, crop, light augmentations, masks packed into bits, uint8 collation) vs ``cv2.imread(GRAYSCALE)``
+   window only, crop, light augmentations, masks packed into bits, uint8 batches collated into reused shared
+   memory, ``steel.collate``) vs ``cv2.imread(GRAYSCALE)``
    of the same files on a thread pool of the same size, measured alternately ``--repeats`` times (best kept);
    also the loader plus ``prepare_batch`` (float images, unpacked masks) on the device, which on a CPU-only
    box shares the same cores, and the CPU time each side spends per image (Linux: this process, its threads

@@ -155,12 +155,23 @@ def _lightning(argv: list[str]) -> None:
     _check_configs(argv)
     # None: LightningCLI reads sys.argv itself (no "args and sys.argv both given" warning)
     args = None if argv == sys.argv[1:] else argv
+    ok = False
     try:
         CLI(args=args, parser_kwargs={"exit_on_error": False})
+        ok = True
     except BaseException:
         if started:
             _remove_unused_run_dir(started[0])
         raise
+    finally:
+        _finish_wandb(0 if ok else 1)
+
+
+def _finish_wandb(exit_code: int) -> None:
+    """Finish the W&B run the command began, as a process's exit does (Lightning's WandbLogger leaves it open:
+    a later fit in the same process would log into it, and its offline file would lack its last records)."""
+    if "wandb" in sys.modules and sys.modules["wandb"].run is not None:
+        sys.modules["wandb"].finish(exit_code=exit_code)
 
 
 def main(argv: list[str] | None = None) -> int:

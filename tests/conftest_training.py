@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import struct
 import subprocess
-import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -79,33 +79,47 @@ def empty_baseline(data_dir: Path, folds_csv: Path, fold: int) -> float:
     return float((has == 0).mean())
 
 
-def wandb_records(path: str | os.PathLike, block: int = 32768) -> Iterator[object]:
-    """Protobuf ``Record`` messages of an offline W&B run file (run-<id>.wandb: LevelDB-style log, 32 KiB blocks,
-    7-byte record headers crc32/length/type, type 1 full, 2 first, 3 middle, 4 last). W&B's service of this
-    process is torn down first, as a process's exit does: the files of in-process runs are complete then (read
-    before, a busy box's service had not yet written a finished run's last records)."""
-    if "wandb" in sys.modules:
-        sys.modules["wandb"].teardown()
+def _parse_wandb(data: bytes, block: int = 32768) -> list:
+    """Protobuf ``Record`` messages of the complete records in ``data`` (LevelDB-style log, 32 KiB blocks,
+    7-byte record headers crc32/length/type, type 1 full, 2 first, 3 middle, 4 last)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    data = Path(path).read_bytes()
-    assert data[:4] == b":W&B", f"{path}: not a W&B run file"
-    pos, parts = 7, b""
+    pos, parts, records = 7, b"", []
     while pos + 7 <= len(data):
         left = block - pos % block
         if left < 7:
             pos += left
             continue
         _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if pos + 7 + length > len(data):  # being written
+            break
         chunk = data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
             record = pb.Record()
             record.ParseFromString(parts + chunk if kind == 4 else chunk)
             parts = b""
-            yield record
+            records.append(record)
         elif kind in (2, 3):
             parts = (parts if kind == 3 else b"") + chunk
+    return records
+
+
+def wandb_records(path: str | os.PathLike, wait_s: float = HANG_GUARD_S) -> Iterator[object]:
+    """Protobuf ``Record`` messages of a finished offline W&B run file (run-<id>.wandb), once its ``exit`` record
+    is there: W&B's service writes the file after ``finish()`` returns (on a busy box a test read a finished
+    in-process run's file before its history records); ``wait_s`` is a hang guard."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        data = Path(path).read_bytes()
+        assert data[:4] == b":W&B", f"{path}: not a W&B run file"
+        records = _parse_wandb(data)
+        if records and records[-1].WhichOneof("record_type") == "exit":
+            return iter(records)
+        assert time.monotonic() < deadline, (
+            f"{path}: no exit record after {wait_s} s (the run did not finish)"
+        )
+        time.sleep(0.1)
 
 
 class Probe(pl.Callback):

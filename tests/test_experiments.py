@@ -131,6 +131,9 @@ def test_tiny_learns_above_empty_baseline(learned_run: Path, learned_baseline: f
 
 
 def test_tiny_wandb_offline_run(tiny_run: Path) -> None:
+    import wandb
+
+    assert wandb.run is None  # the in-process fit finished its run, as its process's exit would
     runs = list((tiny_run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
     history, config, run = set(), set(), None
