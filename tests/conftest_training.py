@@ -105,20 +105,19 @@ def _parse_wandb(data: bytes, block: int = 32768) -> list:
     return records
 
 
-def wandb_records(path: str | os.PathLike, wait_s: float = HANG_GUARD_S) -> Iterator[object]:
-    """Protobuf ``Record`` messages of a finished offline W&B run file (run-<id>.wandb), once its ``exit`` record
-    is there: W&B's service writes the file after ``finish()`` returns (on a busy box a test read a finished
-    in-process run's file before its history records); ``wait_s`` is a hang guard."""
-    deadline = time.monotonic() + wait_s
+def wandb_records(path: str | os.PathLike, finished: bool = False) -> Iterator[object]:
+    """Protobuf ``Record`` messages of an offline W&B run file (run-<id>.wandb). ``finished``: the run has ended
+    in this process; wait (hang guard ``HANG_GUARD_S``) for its ``exit`` record, as W&B's service writes the file
+    after ``finish()`` returns (on a busy box a test read a finished run's file before its history records). A
+    run of a process that was killed has no exit record: read it as it is."""
+    deadline = time.monotonic() + HANG_GUARD_S
     while True:
         data = Path(path).read_bytes()
         assert data[:4] == b":W&B", f"{path}: not a W&B run file"
         records = _parse_wandb(data)
-        if records and records[-1].WhichOneof("record_type") == "exit":
+        if not finished or (records and records[-1].WhichOneof("record_type") == "exit"):
             return iter(records)
-        assert time.monotonic() < deadline, (
-            f"{path}: no exit record after {wait_s} s (the run did not finish)"
-        )
+        assert time.monotonic() < deadline, f"{path}: no exit record after {HANG_GUARD_S} s"
         time.sleep(0.1)
 
 

@@ -137,7 +137,7 @@ def test_tiny_wandb_offline_run(tiny_run: Path) -> None:
     runs = list((tiny_run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1
     history, config, run = set(), set(), None
-    for record in wandb_records(runs[0]):
+    for record in wandb_records(runs[0], finished=True):
         kind = record.WhichOneof("record_type")
         if kind == "history":
             history |= {item.key or "/".join(item.nested_key) for item in record.history.item}

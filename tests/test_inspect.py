@@ -34,7 +34,7 @@ def _logged_images(out: Path) -> list[str]:
     files = sorted(out.glob("wandb/offline-run-*/run-*.wandb"))
     assert files, f"no offline W&B run in {out}"
     keys = []
-    for rec in wandb_records(files[-1]):
+    for rec in wandb_records(files[-1], finished=True):
         if rec.WhichOneof("record_type") == "history":
             keys += [item.key or item.nested_key[0] for item in rec.history.item]
     return sorted(set(keys))

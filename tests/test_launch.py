@@ -318,14 +318,15 @@ def test_launch_killed_then_resumed_covers_every_image_once(launched, launch_dat
     assert np.isfinite(store.cls).all() and 0 <= store.cls.min() and store.cls.max() <= 1
 
 
-def wandb_runs(root: Path) -> list[dict]:
-    """Every offline W&B run under ``root``: id, job type, group, name, artifacts (name, type, digest, inputs)."""
+def wandb_runs(root: Path, finished: bool = False) -> list[dict]:
+    """Every offline W&B run under ``root``: id, job type, group, name, artifacts (name, type, digest, inputs);
+    ``finished``: all of them have ended (``wandb_records``)."""
     from tests.conftest_training import wandb_records
 
     runs = []
     for f in sorted(root.rglob("offline-run-*/run-*.wandb")):
         run: dict = {"dir": f.parent, "artifacts": []}
-        for r in wandb_records(f):
+        for r in wandb_records(f, finished):
             kind = r.WhichOneof("record_type")
             if kind == "run":
                 run.update(
@@ -350,7 +351,7 @@ def test_wandb_lineage_of_every_stage(launched, tmp_path, monkeypatch):
     steel_in_process("blend", run, "--out", ens)
     exported = tmp_path / "tiny.pt2"
     steel_in_process("export", run, "--out", exported)
-    runs = wandb_runs(run) + wandb_runs(ens)
+    runs = wandb_runs(run, finished=True) + wandb_runs(ens, finished=True)  # in-process runs: all ended
     by_type: dict[str, list] = {}
     for r in runs:
         by_type.setdefault(r["job_type"], []).append(r)
