@@ -263,6 +263,16 @@ def component_sizes_static(mask: torch.Tensor, compact: bool = True) -> torch.Te
     that cannot trace data-dependent sizes inside ``while_loop`` (older torch).
     """
     n, h, w = mask.shape
+    run, size, _ = _run_sizes(mask, compact)
+    return torch.where(mask.reshape(-1), size.index_select(0, run), 0).view(n, h, w)
+
+
+def _run_sizes(mask: torch.Tensor, compact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``component_sizes_static`` by runs: (run, size, first) = run number of every pixel (int32 (N*H*W,), 0 off
+    the mask), size of each run's component (int64 (R + 1,), 0 for run 0) and, ``compact`` only, the flat
+    index of each run's first pixel (int64 (R,); None otherwise). Pixel arrays are bool or int32: an int64
+    array a pixel costs more than the rest of the labelling on the CPU."""
+    n, h, w = mask.shape
     col = torch.zeros_like(mask[:, :, :1])
     left = torch.cat([col, mask[:, :, :-1]], 2)
     up = torch.cat([torch.zeros_like(mask[:, :1]), mask[:, :-1]], 1)
@@ -270,10 +280,17 @@ def component_sizes_static(mask: torch.Tensor, compact: bool = True) -> torch.Te
     up_right = torch.cat([up[:, :, 1:], col], 2)
     start = mask & ~left
     flat = mask.reshape(-1)
-    run = torch.cumsum(start.reshape(-1), 0)  # run number (1..) of each mask pixel
-    slots = start.reshape(-1).nonzero().shape[0] + 1 if compact else flat.shape[0] + 1
-    length = torch.zeros(slots, dtype=torch.int64, device=mask.device)
-    length = length.index_add(0, run, flat.long())  # background (run 0) gets 0
+    run = torch.cumsum(start.reshape(-1), 0, dtype=torch.int32)  # run number (1..) of each mask pixel
+    first = start.reshape(-1).nonzero().squeeze(1) if compact else None
+    slots = first.shape[0] + 1 if compact else flat.shape[0] + 1
+    if compact:  # run lengths from counts of mask pixels before each run (runs never span rows)
+        count = torch.cumsum(flat, 0, dtype=torch.int32)
+        before = count.index_select(0, first) - 1
+        length = torch.cat([before.new_zeros(1), torch.cat([before, count[-1:]])[1:] - before]).long()
+    else:  # int64 index: ONNX's ScatterND takes no other
+        length = torch.zeros(slots, dtype=torch.int64, device=mask.device).index_add(
+            0, run.long(), flat.long()
+        )
     pairs = []
     for touch, offset in ((start & up_left, w + 1), (start & up, w), (mask & up_right & ~up, w - 1)):
         if compact:
@@ -294,8 +311,8 @@ def component_sizes_static(mask: torch.Tensor, compact: bool = True) -> torch.Te
     parent = torch.arange(length.shape[0], device=mask.device)
     go = torch.ones((), dtype=torch.bool, device=mask.device)
     root = _while(lambda p, go: go.clone(), body, (parent, go))[0]
-    area = torch.zeros_like(length).index_add(0, root, length).index_select(0, root)
-    return torch.where(flat, area.index_select(0, run), 0).view(n, h, w)
+    size = torch.zeros_like(length).index_add(0, root, length).index_select(0, root)
+    return run, size, first
 
 
 def postprocess_static(
@@ -326,7 +343,7 @@ def postprocess_static(
     flat = mask.reshape(b * c, h, w)
     mc = min_component.to(device=dev, dtype=torch.float64).view(1, c).expand(b, c).reshape(-1)
     ma = min_area.to(device=dev, dtype=torch.float64).view(1, c).expand(b, c).reshape(-1)
-    area = flat.sum((1, 2))
+    area = flat.sum((1, 2), dtype=torch.int32)  # a bool sum would widen every pixel to int64 first
     need = (mc > 0) & (area > 0) & (area.to(torch.float64) * s2 >= ma)
     if not compact:
         sizes = component_sizes_static(flat & need.view(-1, 1, 1), compact=False)
@@ -336,8 +353,12 @@ def postprocess_static(
     need = need.nonzero().squeeze(1)
     # plane 0 of ``sub`` is an empty spare, so that the number of planes is never 0 (torch.export proves it)
     sub = torch.cat([torch.zeros_like(flat[:1]), flat.index_select(0, need)])
-    sizes = component_sizes_static(sub)[1:]
-    kept = sub[1:] & (sizes.to(torch.float64) * s2 >= mc.index_select(0, need).view(-1, 1, 1))
-    flat = flat.index_copy(0, need, kept)
-    area = flat.sum((1, 2))
+    run, size, first = _run_sizes(sub, True)
+    # each run kept or not by its component's size against its plane's min_component (run 0: background)
+    plane = torch.cat([first.new_zeros(1), first // (h * w)])
+    mc_sub = torch.cat([mc.new_zeros(1), mc.index_select(0, need)])
+    keep = size.to(torch.float64) * s2 >= mc_sub.index_select(0, plane)
+    kept = sub.reshape(-1) & keep.index_select(0, run)
+    flat = flat.index_copy(0, need, kept.view(sub.shape)[1:])
+    area = flat.sum((1, 2), dtype=torch.int32)
     return (flat & (area.to(torch.float64) * s2 >= ma).view(-1, 1, 1)).view(b, c, h, w)
