@@ -282,13 +282,12 @@ def _run_sizes(mask: torch.Tensor, compact: bool) -> tuple[torch.Tensor, torch.T
     flat = mask.reshape(-1)
     run = torch.cumsum(start.reshape(-1), 0, dtype=torch.int32)  # run number (1..) of each mask pixel
     first = start.reshape(-1).nonzero().squeeze(1) if compact else None
-    slots = first.shape[0] + 1 if compact else flat.shape[0] + 1
     if compact:  # run lengths from counts of mask pixels before each run (runs never span rows)
         count = torch.cumsum(flat, 0, dtype=torch.int32)
         before = count.index_select(0, first) - 1
         length = torch.cat([before.new_zeros(1), torch.cat([before, count[-1:]])[1:] - before]).long()
     else:  # int64 index: ONNX's ScatterND takes no other
-        length = torch.zeros(slots, dtype=torch.int64, device=mask.device).index_add(
+        length = torch.zeros(flat.shape[0] + 1, dtype=torch.int64, device=mask.device).index_add(
             0, run.long(), flat.long()
         )
     pairs = []

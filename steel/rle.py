@@ -7,7 +7,7 @@ Pixels are numbered from 1, top to bottom then left to right (column-major), and
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -134,28 +134,25 @@ class RunMasks:
         p = int(starts[i]) + k - int(before[i] - (ends[i] - starts[i]))
         return p % self.shape[0], p // self.shape[0]
 
-    def _spans(self, c: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray] | None:
-        """Runs of mask c clipped to pixel numbers [lo, hi), shifted to start at lo; None when none fall there."""
-        starts, ends = self.runs[c]
-        i0, i1 = np.searchsorted(ends, lo, side="right"), np.searchsorted(starts, hi, side="left")
-        if i0 >= i1:
-            return None
-        return np.maximum(starts[i0:i1], lo) - lo, np.minimum(ends[i0:i1], hi) - lo
+    def _window_spans(self, x0: int, w: int) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(class, starts, ends) of each mask with pixels in columns x0:x0+w: its runs clipped to the window's
+        column-major pixel numbers (one span: [x0 * H, (x0 + w) * H)) and shifted to start at 0."""
+        lo, hi = x0 * self.shape[0], (x0 + w) * self.shape[0]
+        for c in self.present:
+            starts, ends = self.runs[c]
+            i0, i1 = np.searchsorted(ends, lo, side="right"), np.searchsorted(starts, hi, side="left")
+            if i0 < i1:
+                yield int(c), np.maximum(starts[i0:i1], lo) - lo, np.minimum(ends[i0:i1], hi) - lo
 
     def packed_window(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
         """uint8 (h, w) of rows y0:y0+h and columns x0:x0+w with bit c set where mask c is (``pack_masks`` of
         ``window``, C <= 8), decoded straight into the bits."""
         H = self.shape[0]
-        lo, hi = x0 * H, (x0 + w) * H
         cols = None
-        for c in self.present:
-            spans = self._spans(c, lo, hi)
-            if spans is None:
-                continue
-            s, e = spans
+        for c, s, e in self._window_spans(x0, w):
             if cols is None:
                 cols = np.zeros(w * H, np.uint8)  # column-major buffer of the window's columns
-            cols[s[0] : e[-1]] |= _segments(s, e, 1 << int(c))
+            cols[s[0] : e[-1]] |= _segments(s, e, 1 << c)
         if cols is None:
             return np.zeros((h, w), np.uint8)
         return cv2.transpose(cols.reshape(w, H)[:, y0 : y0 + h])  # (w, h) -> (h, w), vectorised
@@ -164,15 +161,8 @@ class RunMasks:
         """Masks (C, h, w) uint8 0/1 of rows y0:y0+h and columns x0:x0+w (inside the image)."""
         H = self.shape[0]
         out = np.zeros((len(self.runs), h, w), np.uint8)
-        lo, hi = x0 * H, (x0 + w) * H  # the window's columns are one span of column-major pixel numbers
-        cols = None
-        for c in self.present:
-            spans = self._spans(c, lo, hi)
-            if spans is None:
-                continue
-            s, e = spans
-            if cols is None:
-                cols = np.empty(w * H, np.uint8)  # column-major buffer of the window's columns
+        cols = np.empty(w * H, np.uint8)  # column-major buffer of the window's columns
+        for c, s, e in self._window_spans(x0, w):
             cols[: s[0]] = 0
             cols[s[0] : e[-1]] = _segments(s, e, 1)
             cols[e[-1] :] = 0
